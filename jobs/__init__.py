@@ -1,0 +1,1 @@
+"""The contract every side shares: the JobSpec, the model factory, message keys, spec -> FLARE job."""
