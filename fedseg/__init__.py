@@ -1,3 +1,3 @@
-"""fedseg command-line entry point. Domain logic lives in jobs/, site_app/, server_app/, simulator/."""
+"""fedseg command-line entry point; the domain logic lives in the other packages."""
 
 __version__ = "0.1.0"

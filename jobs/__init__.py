@@ -1,1 +1,1 @@
-"""The contract every side shares: the JobSpec, the model factory, message keys, spec -> FLARE job."""
+"""The contract every side shares: JobSpec, model factory, message keys, spec -> FLARE job."""

@@ -1,0 +1,209 @@
+"""``fedseg`` command line: parses arguments and dispatches; no domain logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+class _UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# -- simulate ------------------------------------------------------------------------------------
+
+
+def _simulate_data(args: argparse.Namespace) -> None:
+    from simulator.synthetic_data import generate_federation_data
+
+    summary = generate_federation_data(
+        out_dir=Path(args.out),
+        sites=args.sites,
+        patients_per_site=args.patients_per_site,
+        seed=args.seed,
+        matrix=args.matrix,
+        progress=True,
+    )
+    console.print(
+        f"[green]wrote[/green] {len(summary.sites)} simulated site(s) to {summary.out_dir} "
+        f"(manifest: {summary.out_dir / 'manifest.json'})"
+    )
+
+
+def _format_record(record) -> str:
+    from server_app.history import SiteRound
+
+    assert isinstance(record, SiteRound)
+    label = "final" if record.phase == "final" else f"round {record.round + 1}"
+    if record.missing:
+        return f"{label:>8} {record.site}: [red]no result[/red]"
+    if record.refused:
+        return f"{label:>8} {record.site}: [yellow]refused[/yellow] — {record.refused}"
+    dice = "-" if record.val_dice is None else f"{record.val_dice:.3f}"
+    parts = [f"{label:>8} {record.site}: val Dice {dice}"]
+    if record.epsilon is not None:
+        parts.append(f"epsilon {record.epsilon:.2f}")
+    if record.train_loss is not None:
+        parts.append(f"loss {record.train_loss:.3f}")
+    if record.elapsed_s is not None:
+        parts.append(f"{record.elapsed_s:.1f} s")
+    return " · ".join(parts)
+
+
+def _simulate_run(args: argparse.Namespace) -> None:
+    from jobs.spec import load_spec
+    from server_app.report import console_tables, write_report
+    from simulator.federation import discover_sites, run_simulation
+
+    spec = load_spec(args.spec)
+    sites = discover_sites(Path(args.data))
+    console.print(
+        f"[bold]{spec.name}[/bold]: {spec.training.rounds} round(s) over {', '.join(sites)} "
+        f"with FLARE's simulator; DP {'on' if spec.privacy.enabled else 'off'}. "
+        "Val Dice = the model each site received, on its held-out patients."
+    )
+    console.print("starting FLARE server and site processes (about 20 s)…")
+    result = run_simulation(
+        spec,
+        data_dir=Path(args.data),
+        out_dir=Path(args.out),
+        threads=args.threads,
+        on_record=lambda record: console.print(_format_record(record)),
+    )
+    report = write_report(
+        result.history, spec=spec.to_plain(), out_dir=result.out_dir, wall_s=result.wall_s
+    )
+    console.print(console_tables(report))
+    if report["stopped_reason"]:
+        console.print(f"[yellow]stopped early:[/yellow] {report['stopped_reason']}")
+    console.print(
+        f"report: {result.out_dir / 'report.md'}, {result.out_dir / 'report.json'}; "
+        f"models: {result.out_dir / 'models'}; FLARE logs: {result.workspace}"
+    )
+
+
+# -- site ----------------------------------------------------------------------------------------
+
+
+def _site_check(args: argparse.Namespace) -> None:
+    from site_app.data_summary import summarize, summary_table
+    from site_app.ingestion import ingest_site
+    from site_app.quarantine import write_quarantine
+
+    data_dir = Path(args.data)
+    result = ingest_site(
+        data_dir, cache_dir=Path(args.cache) if args.cache else None, progress=True
+    )
+    console.print(summary_table(summarize(result)))
+    quarantine_path = Path(args.quarantine_out)
+    write_quarantine(list(result.quarantine), quarantine_path)
+    console.print(
+        f"{len(result.quarantine)} quarantined item(s), each with its reason: {quarantine_path}"
+    )
+
+
+# -- spec ----------------------------------------------------------------------------------------
+
+
+def _spec_check(args: argparse.Namespace) -> None:
+    from jobs.model import build_network, dp_incompatibilities
+    from jobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    problems = dp_incompatibilities(build_network(spec.model)) if spec.privacy.enabled else []
+    if problems:
+        raise _UserError(
+            f"{args.spec}: the model cannot be trained with DP:\n  " + "\n  ".join(problems)
+        )
+    console.print(f"[green]ok[/green] {args.spec}: job '{spec.name}' is valid")
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedseg",
+        description="Federated, differentially private medical-image segmentation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="simulated sites on this machine")
+    sim_commands = simulate.add_subparsers(dest="simulate_command", required=True)
+    data = sim_commands.add_parser("data", help="write synthetic DICOM for N simulated sites")
+    data.add_argument("--sites", type=int, default=3)
+    data.add_argument("--patients-per-site", type=int, default=12)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--matrix", type=int, default=64, help="in-plane pixels per CT slice")
+    data.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
+    data.set_defaults(handler=_simulate_data)
+
+    run = sim_commands.add_parser("run", help="run a job spec over the simulated sites")
+    run.add_argument("spec", help="job spec YAML, e.g. jobs/specs/demo.yaml")
+    run.add_argument("--data", required=True, help="folder written by `fedseg simulate data`")
+    run.add_argument("--out", required=True, help="results folder")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="site processes at once (default: one per site); fewer swaps sites in and out",
+    )
+    run.set_defaults(handler=_simulate_run)
+
+    site = commands.add_parser("site", help="site administration")
+    site_commands = site.add_subparsers(dest="site_command", required=True)
+    check = site_commands.add_parser("check", help="check a site's DICOM folder")
+    check.add_argument("--data", required=True, help="the site's DICOM folder")
+    check.add_argument("--cache", help="cache folder for decoded volumes (optional)")
+    check.add_argument(
+        "--quarantine-out", default="quarantine.json", help="where to write the quarantine list"
+    )
+    check.set_defaults(handler=_site_check)
+
+    spec = commands.add_parser("spec", help="job specs")
+    spec_commands = spec.add_subparsers(dest="spec_command", required=True)
+    spec_check = spec_commands.add_parser("check", help="validate a job spec")
+    spec_check.add_argument("spec")
+    spec_check.set_defaults(handler=_spec_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+    from jobs.spec import JobSpecError
+    from site_app.site_config import SiteConfigError
+
+    user_errors = (_UserError, JobSpecError, SiteConfigError, FileNotFoundError, NotADirectoryError)
+    try:
+        from simulator.federation import SimulationError
+
+        user_errors = (*user_errors, SimulationError)
+        args.handler(args)
+    except user_errors as error:
+        error_console.print(f"[red]error:[/red] {error}")
+        return 2
+    except KeyboardInterrupt:
+        error_console.print("[yellow]interrupted[/yellow]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The model factory: the same MONAI network on the server and at every site, from the JobSpec.
+
+Also checks a network against what Opacus can make private, naming the offending submodule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.networks.nets import SegResNet, UNet
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from jobs.spec import ModelSpec, Network
+
+__all__ = [
+    "build_network",
+    "dp_incompatibilities",
+    "initial_weights",
+    "numpy_to_state",
+    "state_to_numpy",
+]
+
+
+def build_network(spec: ModelSpec) -> nn.Module:
+    """A 3D binary-segmentation network: input (B, 1, H, W, D), output logits (B, 1, H, W, D)."""
+    if spec.network == Network.UNET:
+        return UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=spec.channels,
+            strides=spec.strides,
+            num_res_units=spec.num_res_units,
+            norm=spec.norm.value,
+        )
+    if spec.network == Network.SEGRESNET:
+        return SegResNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            init_filters=spec.channels[0],
+            blocks_down=tuple(1 for _ in spec.channels),
+            blocks_up=tuple(1 for _ in spec.channels[1:]),
+            norm=spec.norm.value,
+        )
+    raise ValueError(f"model.network: unsupported network {spec.network!r}")
+
+
+def dp_incompatibilities(model: nn.Module) -> list[str]:
+    """Every submodule Opacus cannot make private, as 'model.<path>: <Type>: <why>'.
+
+    Opacus's ModuleValidator reports errors without the submodule path; we find the path.
+    """
+    problems = []
+    errors = ModuleValidator.validate(model, strict=False)
+    types_reported = {type(e).__name__: str(e) for e in errors}
+    if not errors:
+        return []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            problems.append(
+                f"model.{name}: {type(module).__name__} is not supported with DP "
+                "(it mixes patients within a batch); use norm: instance"
+            )
+    if not problems:  # something other than BatchNorm: report Opacus's words
+        problems = [f"model: {text}" for text in types_reported.values()]
+    return problems
+
+
+def initial_weights(spec: ModelSpec, seed: int | None) -> dict[str, np.ndarray]:
+    """Freshly initialised weights as numpy arrays; identical for the same spec and seed."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return state_to_numpy(build_network(spec).state_dict())
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def state_to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A torch state dict as numpy arrays, dropping only a *leading* Opacus '_module.' prefix."""
+    prefix = "_module."
+    return {
+        (key[len(prefix) :] if key.startswith(prefix) else key): value.detach().cpu().numpy()
+        for key, value in state.items()
+    }
+
+
+def numpy_to_state(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.asarray(value).copy()) for key, value in weights.items()}

@@ -1,0 +1,217 @@
+"""The JobSpec: one YAML file that drives the simulator, a POC and production unchanged.
+
+Validated once at load; unknown keys and bad values are rejected with an error that names the
+field, what was expected, what was found and where to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "JobSpec",
+    "JobSpecError",
+    "ModelSpec",
+    "Network",
+    "Optimizer",
+    "PrivacySpec",
+    "load_spec",
+    "parse_spec",
+]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot be used; the message lists every problem with its field path."""
+
+
+class Network(StrEnum):
+    UNET = "unet"
+    SEGRESNET = "segresnet"
+
+
+class Norm(StrEnum):
+    # BatchNorm is deliberately absent: it mixes samples in a batch, which per-sample DP forbids.
+    INSTANCE = "instance"
+
+
+class Optimizer(StrEnum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class Accountant(StrEnum):
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class GradSampleMode(StrEnum):
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """The 3D segmentation network; built identically on server and sites by jobs.model."""
+
+    network: Network = Network.UNET
+    channels: tuple[PositiveInt, ...] = (8, 16, 32, 64)
+    strides: tuple[PositiveInt, ...] = (2, 2, 2)
+    num_res_units: Annotated[int, Field(ge=0)] = 1
+    norm: Norm = Norm.INSTANCE
+    roi_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 32, 32)
+    """Training crop and sliding-window size in voxels (rows, cols, slices)."""
+
+    @model_validator(mode="after")
+    def _check_unet_shape(self) -> Self:
+        if self.network == Network.UNET and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"model.strides: expected {len(self.channels) - 1} strides for "
+                f"{len(self.channels)} channels, got {len(self.strides)}"
+            )
+        factor = (
+            math.prod(self.strides)
+            if self.network == Network.UNET
+            else 2 ** (len(self.channels) - 1)
+        )
+        for size in self.roi_size:
+            if size % factor:
+                raise ValueError(
+                    f"model.roi_size: every size must be divisible by {factor} (the network's "
+                    f"total downsampling), got {list(self.roi_size)}"
+                )
+        return self
+
+
+class DataSpec(_Strict):
+    """How each site turns its DICOM into training tensors (same for every site)."""
+
+    target_spacing_mm: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (5.0, 5.0, 5.0)
+    """Voxel spacing after resampling, mm (rows, cols, slices)."""
+    hu_window: tuple[float, float] = (-200.0, 300.0)
+    """Hounsfield units mapped to [0, 1]; values outside are clipped."""
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    """Share of each site's patients held out for validation (split by patient)."""
+
+    @model_validator(mode="after")
+    def _check_window(self) -> Self:
+        low, high = self.hu_window
+        if low >= high:
+            raise ValueError(
+                f"data.hu_window: expected [low, high] with low < high, got {[low, high]}"
+            )
+        return self
+
+
+class TrainingSpec(_Strict):
+    rounds: PositiveInt = 3
+    local_epochs: PositiveInt = 1
+    """Passes over the site's patients per round; one pass = ceil(patients / batch_size) steps."""
+    batch_size: PositiveInt = 4
+    """Patients per step; with DP, Poisson-sampled at rate 1 / ceil(patients / batch_size)."""
+    lr: PositiveFloat = 1e-3
+    optimizer: Optimizer = Optimizer.ADAM
+    seed: int | None = 0
+    """Seeds data splits, crops and (simulation only) DP noise. null = unseeded."""
+
+
+class PrivacySpec(_Strict):
+    """Differential privacy, measured per patient, accounted across all rounds of the job."""
+
+    enabled: bool = True
+    noise_multiplier: PositiveFloat | None = None
+    target_epsilon: PositiveFloat | None = None
+    """Epsilon for the whole job (all rounds x local epochs); the noise is derived from it once."""
+    max_grad_norm: PositiveFloat = 1.0
+    """Per-patient gradient clipping bound (L2)."""
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    accountant: Accountant = Accountant.RDP
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> Self:
+        if not self.enabled:
+            return self
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "privacy: set exactly one of noise_multiplier or target_epsilon when "
+                "privacy.enabled is true "
+                f"(got noise_multiplier={self.noise_multiplier}, "
+                f"target_epsilon={self.target_epsilon})"
+            )
+        return self
+
+
+class FederationSpec(_Strict):
+    min_clients: PositiveInt = 2
+    """Rounds with fewer site updates than this stop the job."""
+    round_timeout_s: Annotated[int, Field(ge=0)] = 0
+    """Seconds to wait for site updates each round; 0 waits indefinitely."""
+
+
+class JobSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec = PrivacySpec(noise_multiplier=1.0)
+    federation: FederationSpec = FederationSpec()
+
+    def to_plain(self) -> dict:
+        """The spec as plain JSON-able data (what travels inside a FLARE job config)."""
+        return self.model_dump(mode="json")
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s) in the job spec:"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see jobs/specs/demo.yaml for every key)"
+        found = item.get("input")
+        found_text = "" if item["type"] in ("extra_forbidden", "missing") else f", got {found!r}"
+        if message.startswith(location):
+            lines.append(f"  - {message}")
+        else:
+            lines.append(f"  - {location}: {message}{found_text}")
+    lines.append(f"  fix the field(s) above in {source}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: object, *, source: str = "job spec") -> JobSpec:
+    """Validate plain data (e.g. parsed YAML) into a JobSpec; raise JobSpecError naming fields."""
+    if not isinstance(data, dict):
+        raise JobSpecError(
+            f"{source}: expected a mapping of sections (name, model, training, ...), "
+            f"got {type(data).__name__}"
+        )
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise JobSpecError(_format_errors(error, source)) from None
+
+
+def load_spec(path: Path | str) -> JobSpec:
+    """Read and validate a JobSpec YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(
+            f"{path}: job spec not found; pass the path to a YAML spec, e.g. jobs/specs/demo.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise JobSpecError(f"{path}: not valid YAML ({error}); fix the syntax") from None
+    return parse_spec(data, source=str(path))

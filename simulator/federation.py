@@ -1,0 +1,194 @@
+"""Run a JobSpec over simulated sites with FLARE's own simulator (SimEnv), on one machine.
+
+Each site is a FLARE ``simulator_worker`` process reading its own DICOM folder; the server runs
+fedseg's controller. Progress is read from the server's progress file while the run goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
+from nvflare.fuel.utils.log_utils import default_log_dict
+from nvflare.recipe import SimEnv
+
+from jobs.flare_job import APP_PACKAGES, FedSegRecipe
+from jobs.spec import JobSpec
+from server_app.controller import OUTPUT_FOLDER
+from server_app.history import RunHistory, SiteRound, read_history
+
+__all__ = ["SimulationError", "SimulationResult", "discover_sites", "run_simulation"]
+
+log = logging.getLogger(__name__)
+
+SIMULATOR_JOB_ID = "simulate_job"  # FLARE's simulator always names the job run folder this
+_SITE_FOLDER = re.compile(r"^site-(\d+)$")
+
+
+class SimulationError(RuntimeError):
+    """The simulated federation could not run or finish; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    history: RunHistory
+    out_dir: Path
+    workspace: Path
+    wall_s: float
+
+
+def discover_sites(data_dir: Path) -> list[str]:
+    """Site folders (``site-1``, ``site-2``, ...) under ``data_dir``, in numeric order."""
+    if not data_dir.is_dir():
+        raise SimulationError(
+            f"{data_dir}: data folder not found; create it with "
+            f"`fedseg simulate data --out {data_dir}`"
+        )
+    sites = [p.name for p in data_dir.iterdir() if p.is_dir() and _SITE_FOLDER.match(p.name)]
+    if not sites:
+        raise SimulationError(
+            f"{data_dir}: no site folders (site-1, site-2, ...) found; "
+            f"generate data with `fedseg simulate data --out {data_dir}`"
+        )
+    return sorted(sites, key=lambda name: int(_SITE_FOLDER.match(name).group(1)))
+
+
+def _write_site_configs(
+    data_dir: Path, out_dir: Path, sites: list[str], threads_per_site: int
+) -> dict[str, Path]:
+    config_dir = out_dir / "site_configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for site in sites:
+        path = config_dir / f"{site}.yaml"
+        config = {
+            "data_dir": str((data_dir / site).resolve()),
+            # Decoded volumes are kept across runs: re-running a job skips DICOM decoding.
+            "cache_dir": str((out_dir / "cache" / site).resolve()),
+            "num_threads": threads_per_site,
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=True))
+        paths[site] = path
+    return paths
+
+
+def _prepare_workspace(workspace: Path) -> Path:
+    """A fresh simulator workspace whose component policy admits fedseg's installed packages."""
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    local = workspace / "local"
+    local.mkdir(parents=True)
+    resources = {
+        "format_version": 2,
+        CLASS_ALLOW_LIST: [*DEFAULT_CLASS_ALLOW_LIST, *(f"{pkg}." for pkg in APP_PACKAGES)],
+    }
+    (local / "resources.json").write_text(json.dumps(resources, indent=2))
+    # FLARE's console output is reduced to errors; its full logs stay in the workspace.
+    log_config = copy.deepcopy(default_log_dict)
+    log_config["handlers"]["consoleHandler"]["level"] = "ERROR"
+    # In local/: the simulator wipes its workspace at start except local/ and startup/.
+    log_config_path = local / "fedseg_flare_log_config.json"
+    log_config_path.write_text(json.dumps(log_config, indent=2))
+    return log_config_path
+
+
+def _tail_progress(
+    path: Path, stop: threading.Event, on_record: Callable[[SiteRound], None]
+) -> None:
+    offset = 0
+    while True:
+        finished = stop.is_set()
+        if path.exists():
+            with open(path) as stream:
+                stream.seek(offset)
+                for line in stream:
+                    if line.endswith("\n"):
+                        on_record(SiteRound(**json.loads(line)))
+                        offset += len(line.encode())
+                    else:
+                        break
+        if finished:
+            return
+        stop.wait(0.5)
+
+
+def run_simulation(
+    spec: JobSpec,
+    *,
+    data_dir: Path,
+    out_dir: Path,
+    threads: int | None = None,
+    on_record: Callable[[SiteRound], None] | None = None,
+) -> SimulationResult:
+    """Run ``spec`` over every site folder in ``data_dir``; results go to ``out_dir``.
+
+    Args:
+        threads: concurrent site processes (FLARE's ``num_threads``); default = one per site.
+            Fewer than the sites makes FLARE swap site processes in and out between tasks; DP
+            state is kept on disk, so results are the same.
+        on_record: called with each site's per-round record as the server receives it.
+    """
+    data_dir = Path(data_dir).resolve()
+    out_dir = Path(out_dir).resolve()
+    sites = discover_sites(data_dir)
+    threads = len(sites) if threads is None else max(1, min(threads, len(sites)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads_per_site = max(1, (os.cpu_count() or 1) // threads)
+    site_configs = _write_site_configs(data_dir, out_dir, sites, threads_per_site)
+    workspace_root = out_dir / "flare_workspace"
+    workspace = workspace_root / spec.name
+    log_config = _prepare_workspace(workspace)
+
+    recipe = FedSegRecipe(spec, sites=sites, site_configs=site_configs, simulation=True)
+    env = SimEnv(
+        clients=sites,
+        num_threads=threads,
+        workspace_root=str(workspace_root),
+        log_config=str(log_config),
+    )
+    server_out = workspace / "server" / SIMULATOR_JOB_ID / OUTPUT_FOLDER
+    stop = threading.Event()
+    tail = threading.Thread(
+        target=_tail_progress,
+        args=(server_out / "progress.jsonl", stop, on_record or (lambda record: None)),
+        daemon=True,
+    )
+    tail.start()
+    started = time.perf_counter()
+    cwd = os.getcwd()  # FLARE's simulator chdir()s into its workspace
+    try:
+        recipe.run(env)
+    except Exception as error:
+        raise SimulationError(
+            f"the simulated federation failed: {error}. Site and server logs: {workspace}/*/log.txt"
+        ) from error
+    finally:
+        os.chdir(cwd)
+        stop.set()
+        tail.join()
+    wall_s = time.perf_counter() - started
+
+    history_path = server_out / "history.json"
+    if not history_path.exists():
+        raise SimulationError(
+            f"the server wrote no results ({history_path} missing); see {workspace}/server/log.txt"
+        )
+    history = read_history(history_path)
+    models = out_dir / "models"
+    models.mkdir(exist_ok=True)
+    for model in server_out.glob("*.pt"):
+        shutil.copy2(model, models / model.name)
+    shutil.copy2(history_path, out_dir / "history.json")
+    return SimulationResult(history=history, out_dir=out_dir, workspace=workspace, wall_s=wall_s)

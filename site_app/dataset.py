@@ -1,0 +1,147 @@
+"""Training tensors from ingested patients: resampling, intensity windowing, patient-level split.
+
+One dataset item is one *patient* (a random crop of one of their volumes), so Poisson sampling over
+items makes the patient the privacy unit, however many series or slices they have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    RandCropByPosNegLabeld,
+    ScaleIntensityRange,
+    Spacing,
+    SpatialPadd,
+)
+
+from jobs.spec import DataSpec
+from site_app.ingestion import LabelledVolume, PatientRecord
+
+__all__ = [
+    "PatientCropDataset",
+    "PreparedPatient",
+    "PreparedVolume",
+    "prepare_patients",
+    "split_patients",
+]
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    """A volume ready for the network."""
+
+    image: np.ndarray
+    """float32 (1, H, W, D), HU window mapped to [0, 1], at the job's target spacing."""
+    label: np.ndarray
+    """float32 (1, H, W, D), 1 = lesion."""
+
+
+@dataclass(frozen=True)
+class PreparedPatient:
+    patient_key: str
+    volumes: tuple[PreparedVolume, ...]
+
+
+def _affine(volume: LabelledVolume) -> torch.Tensor:
+    """Voxel (row, col, slice) -> patient mm, from the DICOM geometry (LPS)."""
+    row_cosines = np.asarray(volume.orientation[:3])
+    col_cosines = np.asarray(volume.orientation[3:])
+    normal = np.cross(row_cosines, col_cosines)
+    row_spacing, col_spacing, slice_spacing = volume.spacing_mm
+    affine = np.eye(4)
+    # Moving down one row follows the column cosines; moving along a row follows the row cosines.
+    affine[:3, 0] = col_cosines * row_spacing
+    affine[:3, 1] = row_cosines * col_spacing
+    affine[:3, 2] = normal * slice_spacing
+    affine[:3, 3] = volume.origin_mm
+    return torch.as_tensor(affine, dtype=torch.float64)
+
+
+def prepare_volume(volume: LabelledVolume, data: DataSpec) -> PreparedVolume:
+    """Resample to ``data.target_spacing_mm`` (image bilinear, label nearest) and window HU."""
+    affine = _affine(volume)
+    image = MetaTensor(volume.image_hu[None].astype(np.float32), affine=affine)
+    label = MetaTensor(volume.label[None].astype(np.float32), affine=affine)
+    target = tuple(float(s) for s in data.target_spacing_mm)
+    image = Spacing(pixdim=target, mode="bilinear")(image)
+    label = Spacing(pixdim=target, mode="nearest")(label)
+    low, high = data.hu_window
+    image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+    return PreparedVolume(
+        image=np.ascontiguousarray(image.numpy(), dtype=np.float32),
+        label=np.ascontiguousarray((label.numpy() > 0.5).astype(np.float32)),
+    )
+
+
+def prepare_patients(
+    patients: Sequence[PatientRecord], data: DataSpec
+) -> tuple[PreparedPatient, ...]:
+    return tuple(
+        PreparedPatient(
+            patient_key=patient.patient_key,
+            volumes=tuple(prepare_volume(volume, data) for volume in patient.volumes),
+        )
+        for patient in patients
+    )
+
+
+def split_patients(
+    patients: Sequence[PreparedPatient], *, val_fraction: float, seed: int | None
+) -> tuple[tuple[PreparedPatient, ...], tuple[PreparedPatient, ...]]:
+    """Deterministic (train, val) split by patient; every patient lands in exactly one side.
+
+    Sites with fewer than 2 patients keep them all for training and validate on none.
+    """
+    salt = str(seed if seed is not None else 0)
+
+    def rank(patient: PreparedPatient) -> str:
+        return hashlib.sha256(f"{salt}:{patient.patient_key}".encode()).hexdigest()
+
+    ordered = sorted(patients, key=rank)
+    if len(ordered) < 2:
+        return tuple(ordered), ()
+    n_val = min(len(ordered) - 1, max(1, round(len(ordered) * val_fraction)))
+    return tuple(ordered[n_val:]), tuple(ordered[:n_val])
+
+
+class PatientCropDataset(torch.utils.data.Dataset):
+    """Item i = one random ROI crop (image, label), each (1, *roi), from patient i.
+
+    Crops are lesion-centred half of the time when the volume has lesion voxels. The random state
+    is a numpy RandomState owned by the dataset so it can be saved and restored with the job.
+    """
+
+    def __init__(
+        self, patients: Sequence[PreparedPatient], *, roi_size: tuple[int, int, int], seed: int
+    ) -> None:
+        self.patients = tuple(patients)
+        self.random = np.random.RandomState(seed % (2**32))
+        self._pad = SpatialPadd(keys=("image", "label"), spatial_size=roi_size)
+        self._crop = RandCropByPosNegLabeld(
+            keys=("image", "label"),
+            label_key="label",
+            spatial_size=roi_size,
+            pos=1.0,
+            neg=1.0,
+            num_samples=1,
+            allow_smaller=False,
+        )
+        # Shared state object: saving self.random captures every draw the crop makes.
+        self._crop.set_random_state(state=self.random)
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        patient = self.patients[index]
+        volume = patient.volumes[self.random.randint(len(patient.volumes))]
+        sample = self._crop(self._pad({"image": volume.image, "label": volume.label}))[0]
+        image = torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32)
+        label = torch.as_tensor(np.asarray(sample["label"]), dtype=torch.float32)
+        return image, label

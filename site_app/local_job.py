@@ -1,0 +1,261 @@
+"""One job at one site: data, model, DP training and the on-disk state that survives restarts.
+
+FLARE-free, so it can be tested directly; ``site_app.executor`` adapts it to FLARE tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs import keys
+from jobs.model import build_network, numpy_to_state, state_to_numpy
+from jobs.spec import JobSpec, Optimizer
+from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
+from site_app.ingestion import ingest_site
+from site_app.privacy import (
+    DPSettings,
+    DPState,
+    PrivateTraining,
+    projected_epsilon,
+    resolve_dp_settings,
+    unseeded_generator,
+)
+from site_app.quarantine import write_quarantine
+from site_app.site_config import SiteConfig
+from site_app.training import dice_on_patients, make_loss, train_epochs
+
+__all__ = ["LocalJob", "SiteDataError"]
+
+log = logging.getLogger(__name__)
+
+
+class SiteDataError(RuntimeError):
+    """The site cannot take part: no usable data. The message says what to check."""
+
+
+def _derived_seed(seed: int, site: str, purpose: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{site}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _spec_fingerprint(spec: JobSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_plain(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Generators:
+    sampler: torch.Generator
+    noise: torch.Generator
+
+
+class LocalJob:
+    """A site's side of one federated job.
+
+    Args:
+        spec: the job spec (identical at every site).
+        site: this site's name (used only to derive simulation seeds).
+        config: the site's own configuration (data path, privacy policy).
+        state_dir: per-job folder in the site workspace; DP state is kept here.
+        simulation: True only in the simulator; then a seeded spec also seeds DP noise.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: JobSpec,
+        site: str,
+        config: SiteConfig,
+        state_dir: Path,
+        simulation: bool,
+    ) -> None:
+        self.spec = spec
+        self.site = site
+        self.config = config
+        self.state_dir = state_dir
+        self.simulation = simulation
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        ingested = ingest_site(
+            config.data_dir, cache_dir=config.cache_dir or state_dir.parent / "cache"
+        )
+        write_quarantine(list(ingested.quarantine), state_dir / "quarantine.json")
+        log.info(
+            "%s: %d usable patients, %d quarantined item(s) (see quarantine.json)",
+            site,
+            len(ingested.patients),
+            len(ingested.quarantine),
+        )
+        patients = prepare_patients(ingested.patients, spec.data)
+        self.train_patients, self.val_patients = split_patients(
+            patients, val_fraction=spec.data.val_fraction, seed=spec.training.seed
+        )
+        if not self.train_patients:
+            raise SiteDataError(
+                f"site {site}: no usable labelled patients in the data folder; "
+                "run `fedseg site check --data DIR` to see what was quarantined and why"
+            )
+
+        self._state_path = state_dir / "dp_state.pt"
+        self._fingerprint = _spec_fingerprint(spec)
+        self.state = DPState.load(self._state_path)
+        if self.state.rounds_done and self.state.rng_states.get("spec") != self._fingerprint:
+            raise RuntimeError(
+                f"{self._state_path} belongs to a different job spec; "
+                "use a fresh workspace for a new job"
+            )
+        self._build_training()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _seed_for(self, purpose: str) -> int | None:
+        seed = self.spec.training.seed
+        return None if seed is None else _derived_seed(seed, self.site, purpose)
+
+    def _generator(self, purpose: str, *, secret: bool) -> torch.Generator:
+        seed = self._seed_for(purpose)
+        # DP's randomness (who is sampled, the noise) is seeded only in simulation.
+        if seed is None or (secret and not self.simulation):
+            return unseeded_generator()
+        return torch.Generator().manual_seed(seed)
+
+    def _build_training(self) -> None:
+        training = self.spec.training
+        crop_seed = self._seed_for("crops")
+        if crop_seed is None:
+            crop_seed = int(unseeded_generator().initial_seed())
+        self.dataset = PatientCropDataset(
+            self.train_patients, roi_size=self.spec.model.roi_size, seed=crop_seed
+        )
+        dp = self.spec.privacy.enabled
+        self.generators = _Generators(
+            sampler=self._generator("sampler", secret=dp),
+            noise=self._generator("noise", secret=dp),
+        )
+        self.network = build_network(self.spec.model).to(self.device)
+        optimizer_class = (
+            torch.optim.Adam if training.optimizer == Optimizer.ADAM else torch.optim.SGD
+        )
+        optimizer = optimizer_class(self.network.parameters(), lr=training.lr)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=min(training.batch_size, len(self.dataset)),
+            shuffle=True,
+            generator=self.generators.sampler,
+        )
+        self.dp_settings: DPSettings | None = None
+        self.private: PrivateTraining | None = None
+        if dp:
+            self.dp_settings = resolve_dp_settings(
+                self.spec.privacy,
+                num_patients=len(self.train_patients),
+                batch_size=training.batch_size,
+                local_epochs=training.local_epochs,
+                rounds=training.rounds,
+            )
+            self.private = PrivateTraining(self.dp_settings, noise_generator=self.generators.noise)
+            self.model, self.optimizer, self.loader = self.private.make_private(
+                module=self.network, optimizer=optimizer, data_loader=loader
+            )
+            self.private.restore_history(self.state.history)
+        else:
+            self.model, self.optimizer, self.loader = self.network, optimizer, loader
+        if self.state.rounds_done:
+            self._restore_rng(self.state.rng_states)
+        self.loss_fn = make_loss()
+
+    def _restore_rng(self, states: dict) -> None:
+        self.generators.sampler.set_state(states["sampler"])
+        self.generators.noise.set_state(states["noise"])
+        self.dataset.random.set_state(states["crops"])
+
+    def _rng_snapshot(self) -> dict:
+        return {
+            "sampler": self.generators.sampler.get_state(),
+            "noise": self.generators.noise.get_state(),
+            "crops": self.dataset.random.get_state(),
+            "spec": self._fingerprint,
+        }
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    def _load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.network.load_state_dict(numpy_to_state(weights))
+
+    def validate(self, weights: dict[str, np.ndarray]) -> dict:
+        """Dice of ``weights`` on this site's held-out patients, as task metadata."""
+        self._load_weights(weights)
+        dice = dice_on_patients(self.network, self.val_patients, roi_size=self.spec.model.roi_size)
+        return {keys.VAL_DICE: dice, keys.VAL_PATIENTS: len(self.val_patients)}
+
+    def epsilon(self) -> float | None:
+        return self.private.epsilon() if self.private else None
+
+    def _refusal(self) -> str | None:
+        """Why the next round would break the privacy limits, or None if it may run."""
+        if self.dp_settings is None:
+            return None
+        limits = {
+            "the job's target_epsilon": self.spec.privacy.target_epsilon,
+            "this site's max_epsilon_per_job": self.config.max_epsilon_per_job,
+        }
+        after = projected_epsilon(
+            self.state.history, self.dp_settings, self.dp_settings.steps_per_round
+        )
+        for name, limit in limits.items():
+            if limit is not None and after > limit * (1 + 1e-9):
+                return (
+                    f"site {self.site} refused the round: epsilon would reach {after:.3f}, "
+                    f"above {name} ({limit:g})"
+                )
+        return None
+
+    def train_round(self, weights: dict[str, np.ndarray], round_index: int) -> tuple[dict, dict]:
+        """Validate the received global model, train locally, and return (weights, metadata)."""
+        started = time.perf_counter()
+        meta = self.validate(weights)
+        meta.update({keys.NUM_PATIENTS: len(self.train_patients), keys.DELTA: None})
+        if self.dp_settings is not None:
+            meta[keys.DELTA] = self.dp_settings.delta
+            meta[keys.NOISE_MULTIPLIER] = self.dp_settings.noise_multiplier
+        reason = self._refusal()
+        if reason:
+            log.warning(reason)
+            meta.update({keys.REFUSED: reason, keys.EPSILON: self.epsilon(), keys.NUM_STEPS: 0})
+            return {}, meta
+
+        self._load_weights(weights)
+        stats = train_epochs(
+            self.model,
+            self.optimizer,
+            self.loader,
+            epochs=self.spec.training.local_epochs,
+            loss_fn=self.loss_fn,
+        )
+        self.optimizer.state.clear()  # FedAvg: local optimizer state starts fresh each round
+
+        if self.private is not None:
+            self.state.history = self.private.history
+        self.state.rounds_done = round_index + 1
+        self.state.rng_states = self._rng_snapshot()
+        self.state.save(self._state_path)
+
+        meta.update(
+            {
+                keys.NUM_STEPS: stats.steps,
+                keys.TRAIN_LOSS: None if math.isnan(stats.mean_loss) else stats.mean_loss,
+                keys.EPSILON: self.epsilon(),
+                keys.ELAPSED_S: round(time.perf_counter() - started, 3),
+            }
+        )
+        return state_to_numpy(self.network.state_dict()), meta

@@ -1,0 +1,56 @@
+"""The site's own configuration: where its data is and what its privacy policy allows.
+
+Loaded by the site only (never sent to the server). In a startup kit it lives at
+``local/fedseg_site.yaml``; the simulator writes one per simulated site.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["SITE_CONFIG_FILE", "SiteConfig", "SiteConfigError", "load_site_config"]
+
+SITE_CONFIG_FILE = "fedseg_site.yaml"
+
+
+class SiteConfigError(ValueError):
+    """The site configuration cannot be used; the message names the field and the file."""
+
+
+class SiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path
+    """Folder of the site's DICOM (read only; fedseg never writes into it)."""
+    cache_dir: Path | None = None
+    """Where decoded volumes are cached; defaults to the site workspace."""
+    max_epsilon_per_job: Annotated[float, Field(gt=0)] | None = None
+    """The site refuses any round that would take a job's epsilon above this."""
+    num_threads: Annotated[int, Field(ge=0)] = 0
+    """CPU threads for training; 0 = torch's default."""
+
+
+def load_site_config(path: Path | str) -> SiteConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SiteConfigError(
+            f"{path}: site config not found; create it with at least 'data_dir: /path/to/dicom' "
+            f"(in a startup kit it belongs in local/{SITE_CONFIG_FILE})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+        config = SiteConfig.model_validate(data)
+    except yaml.YAMLError as error:
+        raise SiteConfigError(f"{path}: not valid YAML ({error}); fix the syntax") from None
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        raise SiteConfigError(f"{path}: {problems}; fix the field(s) in that file") from None
+    if not config.data_dir.is_absolute():
+        config = config.model_copy(update={"data_dir": (path.parent / config.data_dir).resolve()})
+    return config
