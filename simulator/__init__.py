@@ -1,1 +1,5 @@
 """Synthetic multi-site DICOM data and the in-process multi-site federation (FLARE's simulator)."""
+
+from simulator.synthetic_data import FederationDataSummary, generate_federation_data
+
+__all__ = ["FederationDataSummary", "generate_federation_data"]
