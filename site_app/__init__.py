@@ -1,4 +1,4 @@
-"""Everything that runs inside a hospital: DICOM ingestion, datasets, DP training, the FLARE executor.
+"""Everything that runs inside a hospital: DICOM ingestion, datasets, DP training, FLARE executor.
 
 Patient data is touched only in this package; nothing here imports ``server_app``.
 """

@@ -1,0 +1,127 @@
+"""The quarantine list: every file or series ingestion could not use, with a plain-language reason.
+
+Entries name files by their path relative to the site's data folder and series by `series_key`
+(a hash); they never carry patient names, IDs, dates or raw UIDs. Written as `quarantine.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+SCHEMA = "fedseg.quarantine/1"
+
+
+class QuarantineReason(StrEnum):
+    """Why a file or series was set aside. Values are stable snake_case strings (used in JSON);
+    a `StrEnum`, so each member is also that string."""
+
+    NOT_DICOM = "not_dicom"
+    TRUNCATED = "truncated"
+    UNDECODABLE_PIXELS = "undecodable_pixels"
+    MISSING_GEOMETRY = "missing_geometry"
+    MIXED_ORIENTATION = "mixed_orientation"
+    MISSING_SLICES = "missing_slices"
+    DUPLICATE_INSTANCE = "duplicate_instance"
+    MIXED_SERIES = "mixed_series"
+    UNSUPPORTED_MODALITY = "unsupported_modality"
+    LABEL_WITHOUT_SERIES = "label_without_series"
+    LABEL_SIZE_MISMATCH = "label_size_mismatch"
+    UNLABELLED_SERIES = "unlabelled_series"
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One rejected file or series.
+
+    ``path`` is POSIX and relative to the data root: a file, or the folder holding a series' files
+    (their common parent; ``"."`` for the root itself). ``detail`` says what is wrong and what to
+    do, without patient data. ``series_key`` names the series concerned, if any.
+    """
+
+    path: str
+    reason: QuarantineReason
+    detail: str
+    series_key: str | None = None
+
+    def sort_key(self) -> tuple[str, str, str, str]:
+        return (self.path, self.reason.value, self.series_key or "", self.detail)
+
+
+def sorted_entries(entries: Iterable[QuarantineEntry]) -> list[QuarantineEntry]:
+    """Entries in the stable order used everywhere: by path, then reason, series key, detail."""
+    return sorted(entries, key=QuarantineEntry.sort_key)
+
+
+def write_quarantine(entries: Iterable[QuarantineEntry], path: Path) -> None:
+    """Write ``entries`` to ``path`` as JSON (stable order; atomic: temp file then rename).
+
+    Schema: ``{"schema": "fedseg.quarantine/1", "entries": [{"path", "reason", "detail",
+    "series_key"}, ...]}`` with ``reason`` one of the `QuarantineReason` values and
+    ``series_key`` a string or null.
+    """
+    document = {
+        "schema": SCHEMA,
+        "entries": [
+            {
+                "path": e.path,
+                "reason": e.reason.value,
+                "detail": e.detail,
+                "series_key": e.series_key,
+            }
+            for e in sorted_entries(entries)
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_quarantine(path: Path) -> list[QuarantineEntry]:
+    """Read a file written by `write_quarantine`.
+
+    Raises ``ValueError`` naming the file and the offending entry when the content does not
+    follow the schema (e.g. an unknown reason written by a newer fedseg).
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+            "delete it and re-run `fedseg site check` to regenerate it"
+        ) from None
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        found = document.get("schema") if isinstance(document, dict) else type(document).__name__
+        raise ValueError(
+            f"{path}: expected schema {SCHEMA!r}, found {found!r}; "
+            "regenerate it with this version of fedseg"
+        )
+    entries = []
+    for index, raw in enumerate(document.get("entries", [])):
+        try:
+            entries.append(
+                QuarantineEntry(
+                    path=str(raw["path"]),
+                    reason=QuarantineReason(raw["reason"]),
+                    detail=str(raw["detail"]),
+                    series_key=None if raw.get("series_key") is None else str(raw["series_key"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path}: entries[{index}] is malformed ({type(exc).__name__}: {exc}); "
+                "each entry needs path, reason (a known value), detail and series_key"
+            ) from None
+    return entries
