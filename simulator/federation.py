@@ -145,7 +145,9 @@ def run_simulation(
     sites = discover_sites(data_dir)
     threads = len(sites) if threads is None else max(1, min(threads, len(sites)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads_per_site = max(1, (os.cpu_count() or 1) // threads)
+    # Fixed by the number of sites, not the pool size: torch's float reductions depend on the
+    # thread count, and a bounded pool must give the same numbers as one process per site.
+    threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
     site_configs = _write_site_configs(data_dir, out_dir, sites, threads_per_site)
     workspace_root = out_dir / "flare_workspace"
     workspace = workspace_root / spec.name
