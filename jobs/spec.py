@@ -103,6 +103,8 @@ class DataSpec(_Strict):
     """Hounsfield units mapped to [0, 1]; values outside are clipped."""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     """Share of each site's patients held out for validation (split by patient)."""
+    lesion_crop_fraction: Annotated[float, Field(ge=0, le=1)] = 0.75
+    """Share of training crops centred on a lesion voxel (when the volume has one)."""
 
     @model_validator(mode="after")
     def _check_window(self) -> Self:
@@ -122,6 +124,8 @@ class TrainingSpec(_Strict):
     """Patients per step; with DP, Poisson-sampled at rate 1 / ceil(patients / batch_size)."""
     lr: PositiveFloat = 1e-3
     optimizer: Optimizer = Optimizer.ADAM
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum (ignored by Adam)."""
     seed: int | None = 0
     """Seeds data splits, crops and (simulation only) DP noise. null = unseeded."""
 

@@ -164,8 +164,9 @@ def site_profile(*, seed: int, site_index: int, matrix: int) -> SiteProfile:
         (spacing_offset + site_index) % len(_FULL_RES_PIXEL_SPACING_MM)
     ]
     pixel_spacing = round(full_res_spacing * 512 / matrix, 4)
-    # Lesion size is tied to the pixel size so lesions stay a few voxels wide at any matrix.
-    radius_px = (float(rng.uniform(1.5, 2.0)), float(rng.uniform(3.0, 4.0)))
+    # Lesion size is tied to the pixel size so lesions stay a few voxels wide at any matrix
+    # (at matrix 64, radius 13-30 mm: the range of liver metastases that CT reports measure).
+    radius_px = (float(rng.uniform(2.0, 2.5)), float(rng.uniform(4.0, 5.0)))
     low_age = int(rng.integers(25, 45))
     # One site in four exports Implicit VR, as older PACS gateways still do.
     transfer_syntax = ImplicitVRLittleEndian if site_index % 4 == 1 else ExplicitVRLittleEndian
@@ -189,9 +190,10 @@ def site_profile(*, seed: int, site_index: int, matrix: int) -> SiteProfile:
             round(radius_px[0] * pixel_spacing, 2),
             round(radius_px[1] * pixel_spacing, 2),
         ),
+        # Hypodense metastases in portal-venous CT differ from liver by roughly 40-80 HU.
         lesion_contrast_hu=(
-            round(float(rng.uniform(35.0, 45.0)), 1),
-            round(float(rng.uniform(50.0, 60.0)), 1),
+            round(float(rng.uniform(40.0, 50.0)), 1),
+            round(float(rng.uniform(65.0, 80.0)), 1),
         ),
         hypodense_fraction=round(float(rng.uniform(0.6, 1.0)), 3),
         female_fraction=round(float(rng.uniform(0.3, 0.7)), 3),

@@ -110,15 +110,24 @@ def split_patients(
     return tuple(ordered[n_val:]), tuple(ordered[:n_val])
 
 
+BODY_THRESHOLD = 0.05
+"""Windowed intensity above which a voxel counts as body (air and most fat fall below)."""
+
+
 class PatientCropDataset(torch.utils.data.Dataset):
     """Item i = one random ROI crop (image, label), each (1, *roi), from patient i.
 
-    Crops are lesion-centred half of the time when the volume has lesion voxels. The random state
+    ``lesion_crop_fraction`` of crops are lesion-centred when the volume has lesion voxels. The random state
     is a numpy RandomState owned by the dataset so it can be saved and restored with the job.
     """
 
     def __init__(
-        self, patients: Sequence[PreparedPatient], *, roi_size: tuple[int, int, int], seed: int
+        self,
+        patients: Sequence[PreparedPatient],
+        *,
+        roi_size: tuple[int, int, int],
+        lesion_crop_fraction: float,
+        seed: int,
     ) -> None:
         self.patients = tuple(patients)
         self.random = np.random.RandomState(seed % (2**32))
@@ -127,8 +136,13 @@ class PatientCropDataset(torch.utils.data.Dataset):
             keys=("image", "label"),
             label_key="label",
             spatial_size=roi_size,
-            pos=1.0,
-            neg=1.0,
+            pos=lesion_crop_fraction,
+            neg=1.0 - lesion_crop_fraction,
+            # Lesion-free crops are centred inside the body, not in the air around it: otherwise
+            # the network never sees healthy tissue and fires on it at inference (measured:
+            # Dice 0.51 on training crops, 0.06 on the same patients' whole volumes).
+            image_key="image",
+            image_threshold=BODY_THRESHOLD,
             num_samples=1,
             allow_smaller=False,
         )

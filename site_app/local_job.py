@@ -135,7 +135,10 @@ class LocalJob:
         if crop_seed is None:
             crop_seed = int(unseeded_generator().initial_seed())
         self.dataset = PatientCropDataset(
-            self.train_patients, roi_size=self.spec.model.roi_size, seed=crop_seed
+            self.train_patients,
+            roi_size=self.spec.model.roi_size,
+            lesion_crop_fraction=self.spec.data.lesion_crop_fraction,
+            seed=crop_seed,
         )
         dp = self.spec.privacy.enabled
         self.generators = _Generators(
@@ -143,10 +146,12 @@ class LocalJob:
             noise=self._generator("noise", secret=dp),
         )
         self.network = build_network(self.spec.model).to(self.device)
-        optimizer_class = (
-            torch.optim.Adam if training.optimizer == Optimizer.ADAM else torch.optim.SGD
-        )
-        optimizer = optimizer_class(self.network.parameters(), lr=training.lr)
+        if training.optimizer == Optimizer.ADAM:
+            optimizer = torch.optim.Adam(self.network.parameters(), lr=training.lr)
+        else:
+            optimizer = torch.optim.SGD(
+                self.network.parameters(), lr=training.lr, momentum=training.momentum
+            )
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=min(training.batch_size, len(self.dataset)),

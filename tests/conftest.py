@@ -1,0 +1,35 @@
+"""Shared fixtures: one tiny simulated federation (real DICOM) and a tiny job spec."""
+
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import JobSpec, parse_spec
+from simulator.synthetic_data import generate_federation_data
+
+TINY_SPEC = {
+    "name": "tiny",
+    "model": {"channels": [4, 8], "strides": [2], "roi_size": [16, 16, 16]},
+    "data": {"target_spacing_mm": [10.0, 10.0, 10.0], "val_fraction": 0.34},
+    "training": {"rounds": 2, "local_epochs": 1, "batch_size": 2, "lr": 0.003, "seed": 0},
+    "privacy": {"enabled": True, "noise_multiplier": 1.0, "grad_sample_mode": "functorch"},
+    "federation": {"min_clients": 2},
+}
+
+
+def tiny_spec(**sections) -> JobSpec:
+    """TINY_SPEC with whole-section overrides merged in, e.g. tiny_spec(privacy={...})."""
+    data = {
+        key: dict(value) if isinstance(value, dict) else value for key, value in TINY_SPEC.items()
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return parse_spec(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory) -> Path:
+    """2 sites x 3 patients of 32x32 CT (plus each site's deliberately broken inputs)."""
+    out = tmp_path_factory.mktemp("federation") / "data"
+    generate_federation_data(out_dir=out, sites=2, patients_per_site=3, seed=0, matrix=32)
+    return out

@@ -1,0 +1,115 @@
+"""A site's whole job without FLARE: training rounds, the privacy limit, restarts from disk."""
+
+import numpy as np
+import pytest
+
+from jobs import keys
+from jobs.model import initial_weights
+from site_app.local_job import LocalJob
+from site_app.privacy import epsilon_spent
+from site_app.site_config import SiteConfig
+from tests.conftest import tiny_spec
+
+
+def _job(federation, tmp_path, spec=None, **config):
+    spec = spec or tiny_spec()
+    return LocalJob(
+        spec=spec,
+        site="site-1",
+        config=SiteConfig(data_dir=federation / "site-1", cache_dir=tmp_path / "cache", **config),
+        state_dir=tmp_path / "state",
+        simulation=True,
+    )
+
+
+def test_a_round_returns_weights_and_the_metadata_the_server_needs(tiny_federation, tmp_path):
+    job = _job(tiny_federation, tmp_path)
+    start = initial_weights(job.spec.model, 0)
+    weights, meta = job.train_round(start, 0)
+    assert set(weights) == set(start)
+    assert any(not np.array_equal(weights[k], start[k]) for k in start)
+    assert meta[keys.NUM_PATIENTS] == len(job.train_patients) >= 1
+    assert meta[keys.NUM_STEPS] == job.dp_settings.steps_per_round
+    assert meta[keys.EPSILON] > 0
+    assert keys.REFUSED not in meta
+    # Bad files were quarantined with reasons, next to the job's state, not in the data folder.
+    assert (tmp_path / "state" / "quarantine.json").is_file()
+
+
+def test_epsilon_grows_across_rounds_and_equals_the_accountant(tiny_federation, tmp_path):
+    job = _job(tiny_federation, tmp_path)
+    weights = initial_weights(job.spec.model, 0)
+    epsilons = []
+    for round_index in range(3):
+        weights, meta = job.train_round(weights, round_index)
+        epsilons.append(meta[keys.EPSILON])
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    settings = job.dp_settings
+    steps = 3 * settings.steps_per_round
+    expected = epsilon_spent(
+        [(settings.noise_multiplier, settings.sample_rate, steps)],
+        accountant="rdp",
+        delta=settings.delta,
+    )
+    assert epsilons[-1] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_restarted_site_continues_epsilon_and_randomness(tiny_federation, tmp_path):
+    """Two rounds in one process == one round, a restart, and the second round."""
+    start = initial_weights(tiny_spec().model, 0)
+    straight = _job(tiny_federation, tmp_path / "a")
+    w1, _ = straight.train_round(start, 0)
+    w2, meta2 = straight.train_round(w1, 1)
+
+    first = _job(tiny_federation, tmp_path / "b")
+    v1, _ = first.train_round(start, 0)
+    restarted = _job(tiny_federation, tmp_path / "b")  # a new process would rebuild from disk
+    v2, meta_restarted = restarted.train_round(v1, 1)
+
+    assert meta_restarted[keys.EPSILON] == meta2[keys.EPSILON]
+    assert all(np.array_equal(w2[k], v2[k]) for k in w2)
+
+
+def test_state_from_another_spec_is_refused(tiny_federation, tmp_path):
+    job = _job(tiny_federation, tmp_path)
+    job.train_round(initial_weights(job.spec.model, 0), 0)
+    other = tiny_spec(training={"lr": 0.01})
+    with pytest.raises(RuntimeError, match="different job spec"):
+        _job(tiny_federation, tmp_path, spec=other)
+
+
+def test_site_refuses_a_round_that_would_pass_its_epsilon_limit(tiny_federation, tmp_path):
+    probe = _job(tiny_federation, tmp_path / "probe")
+    _, meta = probe.train_round(initial_weights(probe.spec.model, 0), 0)
+    one_round = meta[keys.EPSILON]
+
+    # A limit between one and two rounds' epsilon: round 1 runs, round 2 is refused.
+    job = _job(tiny_federation, tmp_path / "job", max_epsilon_per_job=one_round * 1.2)
+    weights, meta = job.train_round(initial_weights(job.spec.model, 0), 0)
+    assert keys.REFUSED not in meta
+    refused_weights, refused = job.train_round(weights, 1)
+    assert refused_weights == {}
+    assert "refused the round" in refused[keys.REFUSED]
+    assert "max_epsilon_per_job" in refused[keys.REFUSED]
+    assert refused[keys.EPSILON] == pytest.approx(one_round)  # nothing more was spent
+
+
+def test_without_dp_nothing_is_accounted(tiny_federation, tmp_path):
+    job = _job(tiny_federation, tmp_path, spec=tiny_spec(privacy={"enabled": False}))
+    _, meta = job.train_round(initial_weights(job.spec.model, 0), 0)
+    assert meta[keys.EPSILON] is None
+    assert meta[keys.NUM_STEPS] >= 1
+
+
+def test_a_site_with_no_dicom_says_which_folder(tmp_path):
+    empty = tmp_path / "dicom"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        LocalJob(
+            spec=tiny_spec(),
+            site="site-1",
+            config=SiteConfig(data_dir=empty, cache_dir=tmp_path / "cache"),
+            state_dir=tmp_path / "state",
+            simulation=True,
+        )
