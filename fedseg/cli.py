@@ -60,7 +60,7 @@ def _format_record(record) -> str:
 
 def _simulate_run(args: argparse.Namespace) -> None:
     from jobs.spec import load_spec
-    from server_app.report import console_tables, write_report
+    from server_app.report import WEAK_EPSILON, console_tables, write_report
     from simulator.federation import discover_sites, run_simulation
 
     spec = load_spec(args.spec)
@@ -84,6 +84,12 @@ def _simulate_run(args: argparse.Namespace) -> None:
     console.print(console_tables(report))
     if report["stopped_reason"]:
         console.print(f"[yellow]stopped early:[/yellow] {report['stopped_reason']}")
+    epsilons = [row["epsilon"] for row in report["per_site"] if row["epsilon"] is not None]
+    if epsilons and max(epsilons) > WEAK_EPSILON:
+        console.print(
+            f"[yellow]weak privacy:[/yellow] epsilon up to {max(epsilons):.1f} "
+            f"(> {WEAK_EPSILON:g}) gives little formal protection; see report.md"
+        )
     console.print(
         f"report: {result.out_dir / 'report.md'}, {result.out_dir / 'report.json'}; "
         f"models: {result.out_dir / 'models'}; FLARE logs: {result.workspace}"

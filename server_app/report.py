@@ -14,7 +14,10 @@ from rich.table import Table
 
 from server_app.history import RunHistory, SiteRound
 
-__all__ = ["build_report", "console_tables", "write_report"]
+__all__ = ["WEAK_EPSILON", "build_report", "console_tables", "write_report"]
+
+WEAK_EPSILON = 10.0
+"""Above this epsilon the report warns that the guarantee is weak (a common rule of thumb)."""
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -134,6 +137,7 @@ def _markdown(report: dict, history: RunHistory) -> str:
         )
     else:
         privacy_line = "Differential privacy disabled: no privacy guarantee."
+    weak = [row for row in report["per_site"] if (row["epsilon"] or 0) > WEAK_EPSILON]
     parts = [
         f"# fedseg report: {report['job']}",
         "",
@@ -143,6 +147,13 @@ def _markdown(report: dict, history: RunHistory) -> str:
     ]
     if report["wall_time_s"] is not None:
         parts.append(f"- wall time: {report['wall_time_s']} s")
+    if weak:
+        parts.append(
+            f"- **weak privacy**: epsilon above {WEAK_EPSILON:g} at "
+            f"{', '.join(row['site'] for row in weak)}; at that level the guarantee offers "
+            "little formal protection (more patients per step, fewer parameters or fewer steps "
+            "lower it)"
+        )
     if report["stopped_reason"]:
         parts.append(f"- **stopped early**: {report['stopped_reason']}")
     if report["best_round"] is not None:

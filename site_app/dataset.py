@@ -117,8 +117,8 @@ BODY_THRESHOLD = 0.05
 class PatientCropDataset(torch.utils.data.Dataset):
     """Item i = one random ROI crop (image, label), each (1, *roi), from patient i.
 
-    ``lesion_crop_fraction`` of crops are lesion-centred when the volume has lesion voxels. The random state
-    is a numpy RandomState owned by the dataset so it can be saved and restored with the job.
+    ``lesion_crop_fraction`` of crops are lesion-centred when the volume has lesion voxels. The
+    random state is a numpy RandomState owned by the dataset, saved and restored with the job.
     """
 
     def __init__(

@@ -1,0 +1,64 @@
+import json
+
+from server_app.history import RunHistory, SiteRound, read_history, write_history
+from server_app.report import write_report
+
+SPEC = {
+    "privacy": {
+        "enabled": True,
+        "noise_multiplier": 1.0,
+        "accountant": "rdp",
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+        "target_epsilon": None,
+    }
+}
+
+
+def _round(site, index, dice, epsilon, refused=None):
+    return SiteRound(site, index, dice, 3, 9, 12, 0.5, epsilon, 1e-5, refused=refused)
+
+
+def _history():
+    history = RunHistory(job_name="job", sites=["site-1", "site-2"], rounds_planned=2)
+    history.rounds = [
+        _round("site-1", 0, 0.01, 2.0),
+        _round("site-2", 0, 0.02, 2.0),
+        _round("site-1", 1, 0.30, 3.5),
+        _round("site-2", 1, 0.40, 12.0, refused="site site-2 refused the round: epsilon ..."),
+    ]
+    history.final = [
+        SiteRound("site-1", 2, 0.5, 3, None, None, None, 3.5, None, phase="final"),
+        SiteRound("site-2", 2, 0.6, 3, None, None, None, 12.0, None, phase="final"),
+    ]
+    history.rounds_completed = 2
+    return history
+
+
+def test_report_has_untrained_and_final_dice_and_last_epsilon_per_site(tmp_path):
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    rows = {row["site"]: row for row in report["per_site"]}
+    assert rows["site-1"]["untrained_dice"] == 0.01 and rows["site-1"]["final_dice"] == 0.5
+    assert rows["site-2"]["epsilon"] == 12.0
+    assert report["refusals"][0]["site"] == "site-2"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Refusals" in markdown and "weak privacy" in markdown and "site-2" in markdown
+
+
+def test_report_is_rebuilt_identically_from_saved_history(tmp_path):
+    write_history(_history(), tmp_path / "history.json")
+    first = write_report(_history(), spec=SPEC, out_dir=tmp_path / "a")
+    again = write_report(read_history(tmp_path / "history.json"), spec=SPEC, out_dir=tmp_path / "b")
+    assert first == again
+    assert json.loads((tmp_path / "b" / "report.json").read_text()) == json.loads(
+        (tmp_path / "a" / "report.json").read_text()
+    )
+
+
+def test_no_weak_privacy_warning_when_dp_is_strong_enough(tmp_path):
+    history = _history()
+    history.rounds = [r for r in history.rounds if r.site == "site-1"]
+    history.sites = ["site-1"]
+    history.final = history.final[:1]
+    write_report(history, spec=SPEC, out_dir=tmp_path)
+    assert "weak privacy" not in (tmp_path / "report.md").read_text()
