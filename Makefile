@@ -23,7 +23,10 @@ demo: $(STAMP)
 	$(BIN)/fedseg simulate run $(DEMO_SPEC) --data $(DEMO_DATA) --out $(DEMO_RESULTS)
 
 test: $(STAMP)
-	$(BIN)/pytest
+	@# pytest exits 5 when it collects no tests: treat that as a failure, loudly.
+	$(BIN)/pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
