@@ -10,8 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console()
-error_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # never break paths in messages across lines
+error_console = Console(stderr=True, soft_wrap=True)
 
 
 class _UserError(Exception):
@@ -135,6 +135,19 @@ def _spec_check(args: argparse.Namespace) -> None:
 # -- parser --------------------------------------------------------------------------------------
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedseg",
@@ -146,10 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="simulated sites on this machine")
     sim_commands = simulate.add_subparsers(dest="simulate_command", required=True)
     data = sim_commands.add_parser("data", help="write synthetic DICOM for N simulated sites")
-    data.add_argument("--sites", type=int, default=3)
-    data.add_argument("--patients-per-site", type=int, default=12)
+    data.add_argument("--sites", type=_int_at_least(1), default=3)
+    data.add_argument(
+        "--patients-per-site",
+        type=_int_at_least(2),
+        default=12,
+        help="good patients per site (broken inputs are added on top)",
+    )
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--matrix", type=int, default=64, help="in-plane pixels per CT slice")
+    data.add_argument(
+        "--matrix", type=_int_at_least(16), default=64, help="in-plane pixels per CT slice"
+    )
     data.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
     data.set_defaults(handler=_simulate_data)
 
@@ -159,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="results folder")
     run.add_argument(
         "--threads",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="site processes at once (default: one per site); fewer swaps sites in and out",
     )
@@ -196,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.spec import JobSpecError
     from site_app.site_config import SiteConfigError
 
-    user_errors = (_UserError, JobSpecError, SiteConfigError, FileNotFoundError, NotADirectoryError)
+    user_errors = (
+        _UserError,
+        JobSpecError,
+        SiteConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+    )
     try:
         from simulator.federation import SimulationError
 

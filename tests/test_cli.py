@@ -1,0 +1,54 @@
+"""The fedseg command line: clear errors with exit code 2, never a traceback, for bad input."""
+
+import json
+
+import pytest
+
+from fedseg.cli import main
+
+
+def test_spec_check_accepts_the_demo_spec(capsys):
+    assert main(["spec", "check", "jobs/specs/demo.yaml"]) == 0
+    assert "is valid" in capsys.readouterr().out
+
+
+def test_spec_check_names_every_bad_field(tmp_path, capsys):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: x\nmodel: {norm: batch}\ntraining: {rounds: 0}\n")
+    assert main(["spec", "check", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "model.norm" in err and "training.rounds" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["simulate", "run", "missing.yaml", "--data", "d", "--out", "o"], "job spec not found"),
+        (["site", "check", "--data", "/nonexistent/dicom"], "/nonexistent/dicom"),
+    ],
+)
+def test_missing_paths_are_named(argv, expected, capsys):
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_simulate_run_names_a_missing_data_folder(tmp_path, capsys):
+    argv = ["simulate", "run", "jobs/specs/demo.yaml", "--data", str(tmp_path / "none")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
+def test_bad_numbers_are_usage_errors(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "data", "--sites", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_site_check_prints_the_summary_and_writes_reasons(tiny_federation, tmp_path, capsys):
+    quarantine = tmp_path / "quarantine.json"
+    argv = ["site", "check", "--data", str(tiny_federation / "site-1")]
+    assert main([*argv, "--quarantine-out", str(quarantine)]) == 0
+    out = capsys.readouterr().out
+    assert "Patients with usable data" in out and "Quarantined: truncated" in out
+    reasons = {entry["reason"] for entry in json.loads(quarantine.read_text())["entries"]}
+    assert {"not_dicom", "truncated", "missing_slices", "unsupported_modality"} <= reasons
