@@ -84,7 +84,6 @@ class LocalJob:
         self.simulation = simulation
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
         ingested = ingest_site(
             config.data_dir, cache_dir=config.cache_dir or state_dir.parent / "cache"
@@ -145,7 +144,8 @@ class LocalJob:
             sampler=self._generator("sampler", secret=dp),
             noise=self._generator("noise", secret=dp),
         )
-        self.network = build_network(self.spec.model).to(self.device)
+        # CPU only for now: GPU placement (batches, volumes, noise generator) is not built yet.
+        self.network = build_network(self.spec.model)
         if training.optimizer == Optimizer.ADAM:
             optimizer = torch.optim.Adam(self.network.parameters(), lr=training.lr)
         else:
@@ -180,17 +180,19 @@ class LocalJob:
         self.loss_fn = make_loss()
 
     def _restore_rng(self, states: dict) -> None:
-        self.generators.sampler.set_state(states["sampler"])
-        self.generators.noise.set_state(states["noise"])
         self.dataset.random.set_state(states["crops"])
+        if "noise" in states:  # simulation only, see _rng_snapshot
+            self.generators.sampler.set_state(states["sampler"])
+            self.generators.noise.set_state(states["noise"])
 
     def _rng_snapshot(self) -> dict:
-        return {
-            "sampler": self.generators.sampler.get_state(),
-            "noise": self.generators.noise.get_state(),
-            "crops": self.dataset.random.get_state(),
-            "spec": self._fingerprint,
-        }
+        snapshot = {"crops": self.dataset.random.get_state(), "spec": self._fingerprint}
+        if self.simulation:
+            # Only a simulation keeps the DP randomness, for reproducible restarts. A deployed
+            # site never writes it anywhere: whoever read it could subtract the noise.
+            snapshot["sampler"] = self.generators.sampler.get_state()
+            snapshot["noise"] = self.generators.noise.get_state()
+        return snapshot
 
     # -- tasks -----------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from jobs import keys
 from jobs.model import initial_weights
@@ -113,3 +114,32 @@ def test_a_site_with_no_dicom_says_which_folder(tmp_path):
             state_dir=tmp_path / "state",
             simulation=True,
         )
+
+
+def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_path):
+    job = LocalJob(
+        spec=tiny_spec(),
+        site="site-1",
+        config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
+        state_dir=tmp_path / "state",
+        simulation=False,
+    )
+    job.train_round(initial_weights(job.spec.model, 0), 0)
+    saved = torch.load(tmp_path / "state" / "dp_state.pt", weights_only=False)
+    assert "noise" not in saved["rng"] and "sampler" not in saved["rng"]
+    assert saved["history"]  # the accountant history is kept: epsilon must compose
+
+
+def test_deployed_noise_differs_between_two_runs_with_the_same_seed(tiny_federation, tmp_path):
+    results = []
+    for run in ("a", "b"):
+        job = LocalJob(
+            spec=tiny_spec(),
+            site="site-1",
+            config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
+            state_dir=tmp_path / run,
+            simulation=False,
+        )
+        weights, _ = job.train_round(initial_weights(job.spec.model, 0), 0)
+        results.append(weights)
+    assert any(not np.array_equal(results[0][k], results[1][k]) for k in results[0])
