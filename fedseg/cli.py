@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(soft_wrap=True)  # never break paths in messages across lines
 error_console = Console(stderr=True, soft_wrap=True)
@@ -71,13 +72,40 @@ def _simulate_run(args: argparse.Namespace) -> None:
         "Val Dice = the model each site received, on its held-out patients."
     )
     console.print("starting FLARE server and site processes (about 20 s)…")
-    result = run_simulation(
-        spec,
-        data_dir=Path(args.data),
-        out_dir=Path(args.out),
-        threads=args.threads,
-        on_record=lambda record: console.print(_format_record(record)),
+    rounds = spec.training.rounds
+    reported: dict[tuple[str, int], int] = {}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rounds"),
+        TimeElapsedColumn(),
     )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(
+            f"round 1/{rounds}: waiting for {len(sites)} site(s)", total=rounds
+        )
+
+        def on_record(record) -> None:
+            progress.console.print(_format_record(record))
+            key = (record.phase, record.round)
+            reported[key] = reported.get(key, 0) + 1
+            if record.phase == "final":
+                progress.update(task, description="final validation")
+            elif reported[key] == len(sites):
+                progress.update(
+                    task,
+                    completed=record.round + 1,
+                    description=f"round {min(record.round + 2, rounds)}/{rounds}: training",
+                )
+
+        result = run_simulation(
+            spec,
+            data_dir=Path(args.data),
+            out_dir=Path(args.out),
+            threads=args.threads,
+            on_record=on_record,
+        )
     report = write_report(
         result.history, spec=spec.to_plain(), out_dir=result.out_dir, wall_s=result.wall_s
     )
