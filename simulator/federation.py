@@ -78,6 +78,9 @@ def _write_site_configs(
             # Decoded volumes are kept across runs: re-running a job skips DICOM decoding.
             "cache_dir": str((out_dir / "cache" / site).resolve()),
             "num_threads": threads_per_site,
+            # Simulated sites are the researcher's own: non-DP baselines are allowed here.
+            # A hospital's own config keeps the default, DP required.
+            "policy": {"dp_required": False},
         }
         path.write_text(yaml.safe_dump(config, sort_keys=True))
         paths[site] = path

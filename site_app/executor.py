@@ -20,6 +20,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from jobs import keys
 from jobs.spec import parse_spec
 from site_app.local_job import LocalJob
+from site_app.policy import SiteRefusal
 from site_app.site_config import SITE_CONFIG_FILE, load_site_config
 
 __all__ = ["SiteTrainer"]
@@ -45,20 +46,27 @@ class SiteTrainer(Executor):
         self._site_config = site_config
         self._simulation = simulation
         self._job: LocalJob | None = None
+        self._refused: str | None = None
 
     def _local_job(self, fl_ctx: FLContext) -> LocalJob:
+        if self._refused:
+            raise SiteRefusal(self._refused)
         if self._job is None:
             workspace = fl_ctx.get_engine().get_workspace()
             root = Path(workspace.get_root_dir())
             config_path = Path(self._site_config or root / "local" / SITE_CONFIG_FILE)
             site = fl_ctx.get_identity_name()
-            self._job = LocalJob(
-                spec=self._job_spec,
-                site=site,
-                config=load_site_config(config_path),
-                state_dir=root / "fedseg" / fl_ctx.get_job_id(),
-                simulation=self._simulation,
-            )
+            try:
+                self._job = LocalJob(
+                    spec=self._job_spec,
+                    site=site,
+                    config=load_site_config(config_path),
+                    state_dir=root / "fedseg" / fl_ctx.get_job_id(),
+                    simulation=self._simulation,
+                )
+            except SiteRefusal as refusal:
+                self._refused = str(refusal)  # the same answer for every later task of the job
+                raise
         return self._job
 
     def execute(
@@ -83,6 +91,13 @@ class SiteTrainer(Executor):
                     current_round=round_index,
                 )
             return FLModelUtils.to_shareable(outgoing)
+        except SiteRefusal as refusal:
+            # A refusal is an answer, not a failure: the reason reaches the server and report.
+            self.log_warning(fl_ctx, str(refusal))
+            meta = {keys.REFUSED: str(refusal), keys.NUM_STEPS: 0, keys.EPSILON: None}
+            return FLModelUtils.to_shareable(
+                FLModel(params={}, params_type=ParamsType.FULL, meta=meta)
+            )
         except Exception as error:
             # Our errors carry no patient data (ingestion names series by hash only).
             self.log_exception(fl_ctx, f"fedseg site task {task_name!r} failed: {error}")

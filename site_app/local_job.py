@@ -21,6 +21,7 @@ from jobs.model import build_network, numpy_to_state, state_to_numpy
 from jobs.spec import JobSpec, Optimizer
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.ingestion import ingest_site
+from site_app.policy import SiteRefusal, job_policy_problems
 from site_app.privacy import (
     DPSettings,
     DPState,
@@ -82,6 +83,9 @@ class LocalJob:
         self.config = config
         self.state_dir = state_dir
         self.simulation = simulation
+        problems = job_policy_problems(spec, config.policy, simulation=simulation)
+        if problems:  # refused before a single file of patient data is read
+            raise SiteRefusal(f"site {site} refuses job {spec.name}: " + "; ".join(problems))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
@@ -168,6 +172,7 @@ class LocalJob:
                 local_epochs=training.local_epochs,
                 rounds=training.rounds,
             )
+            self._check_resolved_privacy(self.dp_settings)
             self.private = PrivateTraining(self.dp_settings, noise_generator=self.generators.noise)
             self.model, self.optimizer, self.loader = self.private.make_private(
                 module=self.network, optimizer=optimizer, data_loader=loader
@@ -178,6 +183,27 @@ class LocalJob:
         if self.state.rounds_done:
             self._restore_rng(self.state.rng_states)
         self.loss_fn = make_loss()
+
+    def _check_resolved_privacy(self, settings: DPSettings) -> None:
+        """Policy checks that need the site's patient count (noise of a target, delta bound)."""
+        policy = self.config.policy
+        problems = []
+        if settings.noise_multiplier < policy.min_noise_multiplier:
+            problems.append(
+                f"the job's noise multiplier at this site would be "
+                f"{settings.noise_multiplier:.3f}, below this site's minimum of "
+                f"{policy.min_noise_multiplier:g}"
+            )
+        max_delta = policy.max_delta or 1.0 / len(self.train_patients)
+        if settings.delta > max_delta:
+            problems.append(
+                f"privacy.delta is {settings.delta:g}, above {max_delta:g} "
+                "(1 / training patients here, unless the site policy sets max_delta)"
+            )
+        if problems:
+            raise SiteRefusal(
+                f"site {self.site} refuses job {self.spec.name}: " + "; ".join(problems)
+            )
 
     def _restore_rng(self, states: dict) -> None:
         self.dataset.random.set_state(states["crops"])
@@ -214,7 +240,7 @@ class LocalJob:
             return None
         limits = {
             "the job's target_epsilon": self.spec.privacy.target_epsilon,
-            "this site's max_epsilon_per_job": self.config.max_epsilon_per_job,
+            "this site's max_epsilon_per_job": self.config.policy.max_epsilon_per_job,
         }
         after = projected_epsilon(
             self.state.history, self.dp_settings, self.dp_settings.steps_per_round

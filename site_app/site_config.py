@@ -12,6 +12,8 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from site_app.policy import PrivacyPolicy
+
 __all__ = ["SITE_CONFIG_FILE", "SiteConfig", "SiteConfigError", "load_site_config"]
 
 SITE_CONFIG_FILE = "fedseg_site.yaml"
@@ -28,8 +30,8 @@ class SiteConfig(BaseModel):
     """Folder of the site's DICOM (read only; fedseg never writes into it)."""
     cache_dir: Path | None = None
     """Where decoded volumes are cached; defaults to the site workspace."""
-    max_epsilon_per_job: Annotated[float, Field(gt=0)] | None = None
-    """The site refuses any round that would take a job's epsilon above this."""
+    policy: PrivacyPolicy = PrivacyPolicy()
+    """What this site allows (DP required, epsilon per job, minimum noise, delta, accountants)."""
     num_threads: Annotated[int, Field(ge=0)] = 0
     """CPU threads for training; 0 = torch's default."""
 

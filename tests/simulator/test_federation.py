@@ -115,3 +115,15 @@ def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path):
         discover_sites(tmp_path / "nope")
     with pytest.raises(SimulationError, match="no site folders"):
         discover_sites(tmp_path)
+
+
+def test_sites_that_refuse_a_job_are_reported_with_their_reason(tiny_federation, tmp_path):
+    """delta 0.9 > 1/patients: both sites refuse; the job stops below min_clients, saying why."""
+    result = run_simulation(
+        tiny_spec(privacy={"delta": 0.9}), data_dir=tiny_federation, out_dir=tmp_path
+    )
+    history = result.history
+    assert history.rounds_completed == 0
+    assert "fewer than federation.min_clients=2" in history.stopped_reason
+    assert "1 / training patients" in history.stopped_reason
+    assert {r.site for r in history.rounds if r.refused} == {"site-1", "site-2"}

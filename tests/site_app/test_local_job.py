@@ -7,6 +7,7 @@ import torch
 from jobs import keys
 from jobs.model import initial_weights
 from site_app.local_job import LocalJob
+from site_app.policy import PrivacyPolicy
 from site_app.privacy import epsilon_spent
 from site_app.site_config import SiteConfig
 from tests.conftest import tiny_spec
@@ -85,7 +86,8 @@ def test_site_refuses_a_round_that_would_pass_its_epsilon_limit(tiny_federation,
     one_round = meta[keys.EPSILON]
 
     # A limit between one and two rounds' epsilon: round 1 runs, round 2 is refused.
-    job = _job(tiny_federation, tmp_path / "job", max_epsilon_per_job=one_round * 1.2)
+    policy = PrivacyPolicy(max_epsilon_per_job=one_round * 1.2)
+    job = _job(tiny_federation, tmp_path / "job", policy=policy)
     weights, meta = job.train_round(initial_weights(job.spec.model, 0), 0)
     assert keys.REFUSED not in meta
     refused_weights, refused = job.train_round(weights, 1)
@@ -96,7 +98,12 @@ def test_site_refuses_a_round_that_would_pass_its_epsilon_limit(tiny_federation,
 
 
 def test_without_dp_nothing_is_accounted(tiny_federation, tmp_path):
-    job = _job(tiny_federation, tmp_path, spec=tiny_spec(privacy={"enabled": False}))
+    job = _job(
+        tiny_federation,
+        tmp_path,
+        spec=tiny_spec(privacy={"enabled": False}),
+        policy=PrivacyPolicy(dp_required=False),
+    )
     _, meta = job.train_round(initial_weights(job.spec.model, 0), 0)
     assert meta[keys.EPSILON] is None
     assert meta[keys.NUM_STEPS] >= 1
@@ -118,7 +125,7 @@ def test_a_site_with_no_dicom_says_which_folder(tmp_path):
 
 def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_path):
     job = LocalJob(
-        spec=tiny_spec(),
+        spec=tiny_spec(training={"seed": None}),
         site="site-1",
         config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
         state_dir=tmp_path / "state",
@@ -130,11 +137,11 @@ def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_pat
     assert saved["history"]  # the accountant history is kept: epsilon must compose
 
 
-def test_deployed_noise_differs_between_two_runs_with_the_same_seed(tiny_federation, tmp_path):
+def test_deployed_noise_differs_between_two_runs_of_the_same_job(tiny_federation, tmp_path):
     results = []
     for run in ("a", "b"):
         job = LocalJob(
-            spec=tiny_spec(),
+            spec=tiny_spec(training={"seed": None}),
             site="site-1",
             config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
             state_dir=tmp_path / run,

@@ -1,0 +1,82 @@
+"""A site's privacy policy and the check of a job against it, done before any data is touched.
+
+The policy lives in the site's own config (never sent by, or to, the server); a job that breaks
+it is refused with reasons a researcher can act on.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.spec import Accountant, JobSpec
+
+__all__ = ["PrivacyPolicy", "SiteRefusal", "job_policy_problems"]
+
+
+class SiteRefusal(Exception):
+    """The site declines a job or a round; the message is the reason the researcher sees."""
+
+
+class PrivacyPolicy(BaseModel):
+    """What this site allows. Defaults are permissive only where the job itself is still DP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dp_required: bool = True
+    """Refuse jobs with privacy.enabled: false."""
+    max_epsilon_per_job: Annotated[float, Field(gt=0)] | None = None
+    """Refuse any round that would take one job's epsilon above this."""
+    min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.0
+    """Refuse jobs whose noise multiplier is below this (checked once the noise is known)."""
+    max_delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Largest delta accepted; None = at most 1 / (training patients at this site)."""
+    allowed_accountants: tuple[Accountant, ...] = (Accountant.RDP, Accountant.PRV)
+
+
+def job_policy_problems(spec: JobSpec, policy: PrivacyPolicy, *, simulation: bool) -> list[str]:
+    """Every way ``spec`` breaks ``policy`` that is visible before the data is read.
+
+    The noise multiplier of a target_epsilon job and the delta bound that depends on the number
+    of patients are checked later, once the site knows its patient count.
+    """
+    problems = []
+    privacy = spec.privacy
+    if not simulation and spec.training.seed is not None:
+        problems.append(
+            f"training.seed is {spec.training.seed}: outside simulation DP noise is never "
+            "seeded (a known seed would let anyone subtract the noise); set training.seed: null"
+        )
+    if not privacy.enabled:
+        if policy.dp_required:
+            problems.append("privacy.enabled is false, but this site requires DP for every job")
+        return problems
+    if privacy.accountant not in policy.allowed_accountants:
+        allowed = ", ".join(a.value for a in policy.allowed_accountants)
+        problems.append(
+            f"privacy.accountant is {privacy.accountant.value}; this site accepts: {allowed}"
+        )
+    if (
+        privacy.noise_multiplier is not None
+        and privacy.noise_multiplier < policy.min_noise_multiplier
+    ):
+        problems.append(
+            f"privacy.noise_multiplier is {privacy.noise_multiplier:g}, below this site's "
+            f"minimum of {policy.min_noise_multiplier:g}"
+        )
+    if (
+        privacy.target_epsilon is not None
+        and policy.max_epsilon_per_job is not None
+        and privacy.target_epsilon > policy.max_epsilon_per_job
+    ):
+        problems.append(
+            f"privacy.target_epsilon is {privacy.target_epsilon:g}, above this site's "
+            f"max_epsilon_per_job of {policy.max_epsilon_per_job:g}"
+        )
+    if policy.max_delta is not None and privacy.delta > policy.max_delta:
+        problems.append(
+            f"privacy.delta is {privacy.delta:g}, above this site's max_delta of "
+            f"{policy.max_delta:g}"
+        )
+    return problems
