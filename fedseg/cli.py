@@ -144,6 +144,21 @@ def _site_check(args: argparse.Namespace) -> None:
     )
 
 
+def _site_ledger(args: argparse.Namespace) -> int:
+    from site_app.ledger import EpsilonLedger, LedgerTampered, ledger_table
+
+    ledger_path = Path(args.ledger)
+    key_path = Path(args.key) if args.key else ledger_path.parent / "site_key.pem"
+    ledger = EpsilonLedger.open(path=ledger_path, key_path=key_path)
+    problems = ledger.verify()
+    if problems:
+        error_console.print(str(LedgerTampered(ledger_path, problems)), markup=False)
+        return 1
+    console.print(ledger_table(ledger, budget=args.budget))
+    console.print(f"[green]verified[/green]: {len(ledger.entries())} entries, chain and signatures")
+    return 0
+
+
 # -- spec ----------------------------------------------------------------------------------------
 
 
@@ -222,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--quarantine-out", default="quarantine.json", help="where to write the quarantine list"
     )
     check.set_defaults(handler=_site_check)
+    ledger = site_commands.add_parser(
+        "ledger", help="show and verify the site's epsilon ledger (all jobs, budget left)"
+    )
+    ledger.add_argument("--ledger", required=True, help="the ledger file (epsilon_ledger.jsonl)")
+    ledger.add_argument("--key", help="the site's signing key (default: site_key.pem beside it)")
+    ledger.add_argument("--budget", type=float, help="the site's total epsilon budget")
+    ledger.set_defaults(handler=_site_ledger)
 
     spec = commands.add_parser("spec", help="job specs")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
@@ -256,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         from simulator.federation import SimulationError
 
         user_errors = (*user_errors, SimulationError)
-        args.handler(args)
+        status = args.handler(args)
     except user_errors as error:
         error_console.print(f"[red]error:[/red] {error}")
         return 2
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/yellow]")
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

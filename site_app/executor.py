@@ -63,6 +63,7 @@ class SiteTrainer(Executor):
                     config=load_site_config(config_path),
                     state_dir=root / "fedseg" / fl_ctx.get_job_id(),
                     simulation=self._simulation,
+                    job_id=fl_ctx.get_job_id(),
                 )
             except SiteRefusal as refusal:
                 self._refused = str(refusal)  # the same answer for every later task of the job

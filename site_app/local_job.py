@@ -21,6 +21,7 @@ from jobs.model import build_network, numpy_to_state, state_to_numpy
 from jobs.spec import JobSpec, Optimizer
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.ingestion import ingest_site
+from site_app.ledger import EpsilonLedger, generate_site_key
 from site_app.policy import SiteRefusal, job_policy_problems
 from site_app.privacy import (
     DPSettings,
@@ -65,8 +66,10 @@ class LocalJob:
         spec: the job spec (identical at every site).
         site: this site's name (used only to derive simulation seeds).
         config: the site's own configuration (data path, privacy policy).
-        state_dir: per-job folder in the site workspace; DP state is kept here.
+        state_dir: per-job folder in the site workspace; DP state is kept here. The site's
+            ledger and key default to its parent folder (shared by all jobs).
         simulation: True only in the simulator; then a seeded spec also seeds DP noise.
+        job_id: how this run is named in the site's epsilon ledger (FLARE's job id).
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class LocalJob:
         config: SiteConfig,
         state_dir: Path,
         simulation: bool,
+        job_id: str | None = None,
     ) -> None:
         self.spec = spec
+        self.job_id = job_id or spec.name
         self.site = site
         self.config = config
         self.state_dir = state_dir
@@ -86,6 +91,7 @@ class LocalJob:
         problems = job_policy_problems(spec, config.policy, simulation=simulation)
         if problems:  # refused before a single file of patient data is read
             raise SiteRefusal(f"site {site} refuses job {spec.name}: " + "; ".join(problems))
+        self.ledger = self._open_ledger() if spec.privacy.enabled else None
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
@@ -184,6 +190,24 @@ class LocalJob:
             self._restore_rng(self.state.rng_states)
         self.loss_fn = make_loss()
 
+    def _open_ledger(self) -> EpsilonLedger:
+        """The site's ledger, verified: a damaged ledger stops training until an admin acts."""
+        path = self.config.ledger or self.state_dir.parent / "epsilon_ledger.jsonl"
+        key = self.config.signing_key or self.state_dir.parent / "site_key.pem"
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            generate_site_key(key)
+            log.warning("created the site's ledger signing key %s (keep it private)", key)
+        ledger = EpsilonLedger.open(path=path, key_path=key)
+        problems = ledger.verify()
+        if problems:
+            raise SiteRefusal(
+                f"site {self.site} refuses to train: its epsilon ledger {path} failed "
+                f"verification ({len(problems)} problem(s), e.g. {problems[0]}); an admin must "
+                "resolve it: run `fedseg site ledger` on the site to see every problem"
+            )
+        return ledger
+
     def _check_resolved_privacy(self, settings: DPSettings) -> None:
         """Policy checks that need the site's patient count (noise of a target, delta bound)."""
         policy = self.config.policy
@@ -238,6 +262,12 @@ class LocalJob:
         """Why the next round would break the privacy limits, or None if it may run."""
         if self.dp_settings is None:
             return None
+        ledger_problems = self.ledger.verify()
+        if ledger_problems:
+            return (
+                f"site {self.site} refused the round: its epsilon ledger failed verification "
+                f"({ledger_problems[0]}); an admin must resolve it (`fedseg site ledger`)"
+            )
         limits = {
             "the job's target_epsilon": self.spec.privacy.target_epsilon,
             "this site's max_epsilon_per_job": self.config.policy.max_epsilon_per_job,
@@ -250,6 +280,16 @@ class LocalJob:
                 return (
                     f"site {self.site} refused the round: epsilon would reach {after:.3f}, "
                     f"above {name} ({limit:g})"
+                )
+        budget = self.config.policy.total_epsilon_budget
+        if budget is not None:
+            spent = self.ledger.spent_by_job()
+            others = sum(eps for job, eps in spent.items() if job != self.job_id)
+            if others + after > budget * (1 + 1e-9):
+                return (
+                    f"site {self.site} refused the round: the dataset's epsilon would reach "
+                    f"{others + after:.3f} ({others:.3f} spent by earlier jobs + {after:.3f} "
+                    f"by this one), above this site's total_epsilon_budget ({budget:g})"
                 )
         return None
 
@@ -279,6 +319,18 @@ class LocalJob:
 
         if self.private is not None:
             self.state.history = self.private.history
+            # The ledger first: a crash before the state save re-runs the round and records it
+            # twice, which over-counts (safe) rather than under-counts.
+            self.ledger.append(
+                job=self.job_id,
+                round=round_index,
+                steps=stats.steps,
+                sample_rate=self.dp_settings.sample_rate,
+                noise_multiplier=self.dp_settings.noise_multiplier,
+                accountant=self.dp_settings.accountant,
+                epsilon_after=self.private.epsilon(),
+                delta=self.dp_settings.delta,
+            )
         self.state.rounds_done = round_index + 1
         self.state.rng_states = self._rng_snapshot()
         self.state.save(self._state_path)

@@ -28,6 +28,9 @@ class PrivacyPolicy(BaseModel):
     """Refuse jobs with privacy.enabled: false."""
     max_epsilon_per_job: Annotated[float, Field(gt=0)] | None = None
     """Refuse any round that would take one job's epsilon above this."""
+    total_epsilon_budget: Annotated[float, Field(gt=0)] | None = None
+    """Refuse any round that would take the dataset's epsilon, summed over all jobs in the
+    site's ledger (basic composition, an upper bound), above this."""
     min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.0
     """Refuse jobs whose noise multiplier is below this (checked once the noise is known)."""
     max_delta: Annotated[float, Field(gt=0, lt=1)] | None = None

@@ -34,6 +34,11 @@ class SiteConfig(BaseModel):
     """What this site allows (DP required, epsilon per job, minimum noise, delta, accountants)."""
     num_threads: Annotated[int, Field(ge=0)] = 0
     """CPU threads for training; 0 = torch's default."""
+    ledger: Path | None = None
+    """The site's epsilon ledger (all jobs); default ``<workspace>/fedseg/epsilon_ledger.jsonl``."""
+    signing_key: Path | None = None
+    """Ed25519 key that signs the ledger; default ``<workspace>/fedseg/site_key.pem``, created
+    on first use. Keep it readable only by the site's service account."""
 
 
 def load_site_config(path: Path | str) -> SiteConfig:

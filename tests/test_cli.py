@@ -52,3 +52,30 @@ def test_site_check_prints_the_summary_and_writes_reasons(tiny_federation, tmp_p
     assert "Patients with usable data" in out and "Quarantined: truncated" in out
     reasons = {entry["reason"] for entry in json.loads(quarantine.read_text())["entries"]}
     assert {"not_dicom", "truncated", "missing_slices", "unsupported_modality"} <= reasons
+
+
+def test_site_ledger_shows_the_budget_and_reports_tampering(tmp_path, capsys):
+    from site_app.ledger import EpsilonLedger, generate_site_key
+
+    key, path = tmp_path / "site_key.pem", tmp_path / "epsilon_ledger.jsonl"
+    generate_site_key(key)
+    ledger = EpsilonLedger.open(path=path, key_path=key)
+    for round_index, epsilon in enumerate((1.5, 2.5)):
+        ledger.append(
+            job="job-a",
+            round=round_index,
+            steps=10,
+            sample_rate=0.25,
+            noise_multiplier=1.1,
+            accountant="rdp",
+            epsilon_after=epsilon,
+            delta=1e-5,
+        )
+    assert main(["site", "ledger", "--ledger", str(path), "--budget", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "job-a" in out and "verified" in out and "left 7.500" in out
+
+    path.write_text(path.read_text().replace('"epsilon_after":2.5', '"epsilon_after":0.5'))
+    assert main(["site", "ledger", "--ledger", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "failed verification" in err and "round 1" in err
