@@ -15,6 +15,7 @@ VAL_PATIENTS = "val_patients"
 EPSILON = "epsilon"  # privacy spent so far in this job, after this round (None when DP is off)
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
+BUDGET_LEFT = "budget_left"  # the site's total epsilon budget minus all jobs' spend (if it has one)
 REFUSED = "refused"  # present (a plain-language reason) when the site declines the round
 ELAPSED_S = "elapsed_s"
 

@@ -30,6 +30,8 @@ class SiteRound:
     refused: str | None = None
     missing: bool = False
     elapsed_s: float | None = None
+    budget_left: float | None = None
+    """The site's total epsilon budget left after this round (only if its policy sets one)."""
     phase: str = "train"
     """"train" for a training round, "final" for the validation of the final global model."""
 
@@ -47,6 +49,7 @@ class SiteRound:
             delta=meta.get(keys.DELTA),
             refused=meta.get(keys.REFUSED),
             elapsed_s=meta.get(keys.ELAPSED_S),
+            budget_left=meta.get(keys.BUDGET_LEFT),
             phase=phase,
         )
 

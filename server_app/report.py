@@ -13,9 +13,11 @@ from pathlib import Path
 from rich.table import Table
 
 from server_app.history import RunHistory, SiteRound
+from server_app.plots import plot_epsilon
 
 __all__ = ["WEAK_EPSILON", "build_report", "console_tables", "write_report"]
 
+EPSILON_PLOT = "epsilon_per_round.png"
 WEAK_EPSILON = 10.0
 """Above this epsilon the report warns that the guarantee is weak (a common rule of thumb)."""
 
@@ -31,9 +33,12 @@ def build_report(history: RunHistory, *, spec: dict, wall_s: float | None = None
     untrained = {r.site: r.val_dice for r in history.rounds if r.round == 0}
     final = {r.site: r for r in history.final}
     last_epsilon: dict[str, float | None] = {}
+    budget_left: dict[str, float | None] = {}
     for record in history.rounds:
         if record.epsilon is not None:
             last_epsilon[record.site] = record.epsilon
+        if record.budget_left is not None:
+            budget_left[record.site] = record.budget_left
     per_site = []
     for site in history.sites:
         final_record = final.get(site)
@@ -44,6 +49,7 @@ def build_report(history: RunHistory, *, spec: dict, wall_s: float | None = None
                 "final_dice": final_record.val_dice if final_record else None,
                 "val_patients": final_record.val_patients if final_record else None,
                 "epsilon": last_epsilon.get(site),
+                "budget_left": budget_left.get(site),
                 "delta": spec.get("privacy", {}).get("delta")
                 if spec.get("privacy", {}).get("enabled")
                 else None,
@@ -81,6 +87,7 @@ def _round_rows(records: list[SiteRound]) -> list[list[str]]:
                 _num(r.val_dice),
                 _num(r.train_loss),
                 _num(r.epsilon, 2),
+                _num(r.budget_left, 2),
                 str(r.num_patients if r.num_patients is not None else "-"),
                 str(r.num_steps if r.num_steps is not None else "-"),
                 status,
@@ -95,11 +102,20 @@ _ROUND_HEADER = [
     "val Dice (received model)",
     "train loss",
     "epsilon so far",
+    "site budget left",
     "train patients",
     "steps",
     "status",
 ]
-_FINAL_HEADER = ["site", "Dice untrained", "Dice final global", "val patients", "epsilon", "delta"]
+_FINAL_HEADER = [
+    "site",
+    "Dice untrained",
+    "Dice final global",
+    "val patients",
+    "epsilon",
+    "delta",
+    "site budget left",
+]
 
 
 def _final_rows(report: dict) -> list[list[str]]:
@@ -111,6 +127,7 @@ def _final_rows(report: dict) -> list[list[str]]:
             str(row["val_patients"] if row["val_patients"] is not None else "-"),
             _num(row["epsilon"], 2),
             "-" if row["delta"] is None else f"{row['delta']:g}",
+            _num(row["budget_left"], 2),
         ]
         for row in report["per_site"]
     ]
@@ -173,6 +190,9 @@ def _markdown(report: dict, history: RunHistory) -> str:
         "",
         _markdown_table(_ROUND_HEADER, _round_rows(history.rounds)),
     ]
+    if report["plots"]:
+        parts += ["", "## Privacy spent per round", ""]
+        parts += [f"![epsilon per round per site]({name})" for name in report["plots"]]
     if report["refusals"]:
         parts += ["", "## Refusals", ""]
         parts += [
@@ -187,6 +207,8 @@ def write_report(
     """Write report.json and report.md into ``out_dir``; return the report."""
     report = build_report(history, spec=spec, wall_s=wall_s)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_epsilon(history, out_dir / EPSILON_PLOT)
+    report["plots"] = [plot.name] if plot else []
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(_markdown(report, history))
     return report

@@ -255,6 +255,13 @@ class LocalJob:
         dice = dice_on_patients(self.network, self.val_patients, roi_size=self.spec.model.roi_size)
         return {keys.VAL_DICE: dice, keys.VAL_PATIENTS: len(self.val_patients)}
 
+    def _budget_left(self) -> float | None:
+        """The site's total budget minus every job's spend so far; None without a budget."""
+        budget = self.config.policy.total_epsilon_budget
+        if budget is None or self.ledger is None or self.ledger.verify():
+            return None
+        return budget - self.ledger.total_spent()
+
     def epsilon(self) -> float | None:
         return self.private.epsilon() if self.private else None
 
@@ -305,6 +312,7 @@ class LocalJob:
         if reason:
             log.warning(reason)
             meta.update({keys.REFUSED: reason, keys.EPSILON: self.epsilon(), keys.NUM_STEPS: 0})
+            meta[keys.BUDGET_LEFT] = self._budget_left()
             return {}, meta
 
         self._load_weights(weights)
@@ -340,6 +348,7 @@ class LocalJob:
                 keys.NUM_STEPS: stats.steps,
                 keys.TRAIN_LOSS: None if math.isnan(stats.mean_loss) else stats.mean_loss,
                 keys.EPSILON: self.epsilon(),
+                keys.BUDGET_LEFT: self._budget_left(),
                 keys.ELAPSED_S: round(time.perf_counter() - started, 3),
             }
         )

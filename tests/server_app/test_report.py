@@ -62,3 +62,29 @@ def test_no_weak_privacy_warning_when_dp_is_strong_enough(tmp_path):
     history.final = history.final[:1]
     write_report(history, spec=SPEC, out_dir=tmp_path)
     assert "weak privacy" not in (tmp_path / "report.md").read_text()
+
+
+def test_epsilon_plot_is_written_and_linked(tmp_path):
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    png = tmp_path / "epsilon_per_round.png"
+    assert report["plots"] == [png.name]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({png.name})" in (tmp_path / "report.md").read_text()
+
+
+def test_no_plot_without_dp(tmp_path):
+    history = _history()
+    history.rounds = [
+        SiteRound(r.site, r.round, r.val_dice, 3, 9, 12, 0.5, None, None) for r in history.rounds
+    ]
+    report = write_report(history, spec={"privacy": {"enabled": False}}, out_dir=tmp_path)
+    assert report["plots"] == [] and not (tmp_path / "epsilon_per_round.png").exists()
+
+
+def test_budget_left_is_reported_per_site(tmp_path):
+    history = _history()
+    history.rounds[2] = SiteRound("site-1", 1, 0.3, 3, 9, 12, 0.5, 3.5, 1e-5, budget_left=6.5)
+    report = write_report(history, spec=SPEC, out_dir=tmp_path)
+    rows = {row["site"]: row for row in report["per_site"]}
+    assert rows["site-1"]["budget_left"] == 6.5 and rows["site-2"]["budget_left"] is None
+    assert "| 6.50 |" in (tmp_path / "report.md").read_text()

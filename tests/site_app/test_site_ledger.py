@@ -64,6 +64,8 @@ def test_the_budget_spans_jobs_and_refuses_exactly_the_round_that_would_pass_it(
     ledger = _ledger(tmp_path)
     assert ledger.total_spent() == pytest.approx(two_rounds + one_round)
     assert ledger.total_spent() <= budget  # never spent past the budget, not even one step
+    assert metas[0][keys.BUDGET_LEFT] == pytest.approx(budget - two_rounds - one_round)
+    assert metas[1][keys.BUDGET_LEFT] == pytest.approx(budget - ledger.total_spent())
 
 
 def test_a_tampered_ledger_stops_training_until_an_admin_resolves_it(tiny_federation, tmp_path):
