@@ -21,7 +21,7 @@ from jobs.model import build_network, numpy_to_state, state_to_numpy
 from jobs.spec import JobSpec, Optimizer
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.ingestion import ingest_site
-from site_app.ledger import EpsilonLedger, generate_site_key
+from site_app.ledger import EpsilonLedger, LedgerTampered, generate_site_key
 from site_app.policy import SiteRefusal, job_policy_problems
 from site_app.privacy import (
     DPSettings,
@@ -258,9 +258,12 @@ class LocalJob:
     def _budget_left(self) -> float | None:
         """The site's total budget minus every job's spend so far; None without a budget."""
         budget = self.config.policy.total_epsilon_budget
-        if budget is None or self.ledger is None or self.ledger.verify():
+        if budget is None or self.ledger is None:
             return None
-        return budget - self.ledger.total_spent()
+        try:
+            return budget - self.ledger.total_spent()  # total_spent verifies the ledger first
+        except LedgerTampered:
+            return None  # the round is refused for that reason; no number can be trusted
 
     def epsilon(self) -> float | None:
         return self.private.epsilon() if self.private else None
