@@ -66,7 +66,11 @@ def discover_sites(data_dir: Path) -> list[str]:
 
 
 def _write_site_configs(
-    data_dir: Path, out_dir: Path, sites: list[str], threads_per_site: int
+    data_dir: Path,
+    out_dir: Path,
+    sites: list[str],
+    threads_per_site: int,
+    site_policies: dict[str, dict],
 ) -> dict[str, Path]:
     config_dir = out_dir / "site_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,7 @@ def _write_site_configs(
             "num_threads": threads_per_site,
             # Simulated sites are the researcher's own: non-DP baselines are allowed here.
             # A hospital's own config keeps the default, DP required.
-            "policy": {"dp_required": False},
+            "policy": {"dp_required": False, **site_policies.get(site, {})},
         }
         path.write_text(yaml.safe_dump(config, sort_keys=True))
         paths[site] = path
@@ -134,6 +138,7 @@ def run_simulation(
     out_dir: Path,
     threads: int | None = None,
     on_record: Callable[[SiteRound], None] | None = None,
+    site_policies: dict[str, dict] | None = None,
 ) -> SimulationResult:
     """Run ``spec`` over every site folder in ``data_dir``; results go to ``out_dir``.
 
@@ -142,6 +147,8 @@ def run_simulation(
             Fewer than the sites makes FLARE swap site processes in and out between tasks; DP
             state is kept on disk, so results are the same.
         on_record: called with each site's per-round record as the server receives it.
+        site_policies: per-site privacy policy fields (``site_app.policy.PrivacyPolicy``), e.g.
+            ``{"site-2": {"max_epsilon_per_job": 8}}`` to simulate one strict hospital.
     """
     data_dir = Path(data_dir).resolve()
     out_dir = Path(out_dir).resolve()
@@ -151,7 +158,12 @@ def run_simulation(
     # Fixed by the number of sites, not the pool size: torch's float reductions depend on the
     # thread count, and a bounded pool must give the same numbers as one process per site.
     threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
-    site_configs = _write_site_configs(data_dir, out_dir, sites, threads_per_site)
+    unknown = sorted(set(site_policies or {}) - set(sites))
+    if unknown:
+        raise SimulationError(f"site_policies names sites that are not in {data_dir}: {unknown}")
+    site_configs = _write_site_configs(
+        data_dir, out_dir, sites, threads_per_site, site_policies or {}
+    )
     workspace_root = out_dir / "flare_workspace"
     workspace = workspace_root / spec.name
     log_config = _prepare_workspace(workspace)

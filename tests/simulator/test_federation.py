@@ -127,3 +127,23 @@ def test_sites_that_refuse_a_job_are_reported_with_their_reason(tiny_federation,
     assert "fewer than federation.min_clients=2" in history.stopped_reason
     assert "1 / training patients" in history.stopped_reason
     assert {r.site for r in history.rounds if r.refused} == {"site-1", "site-2"}
+
+
+def test_a_strict_site_refuses_and_the_federation_goes_on_without_it(
+    first_run, tiny_federation, tmp_path
+):
+    """site-1 allows one round's epsilon only: it refuses round 2, site-2 carries on alone."""
+    one_round = next(r.epsilon for r in first_run.history.rounds if r.site == "site-1")
+    result = run_simulation(
+        tiny_spec(federation={"min_clients": 1}),
+        data_dir=tiny_federation,
+        out_dir=tmp_path,
+        site_policies={"site-1": {"max_epsilon_per_job": one_round * 1.2}},
+    )
+    history = result.history
+    assert history.rounds_completed == 2 and history.stopped_reason is None
+    by_key = {(r.site, r.round): r for r in history.rounds}
+    assert by_key[("site-1", 0)].refused is None
+    assert "max_epsilon_per_job" in by_key[("site-1", 1)].refused
+    assert by_key[("site-1", 1)].epsilon == pytest.approx(one_round)  # nothing more spent
+    assert by_key[("site-2", 1)].refused is None and by_key[("site-2", 1)].num_steps >= 1
