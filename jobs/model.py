@@ -52,20 +52,17 @@ def dp_incompatibilities(model: nn.Module) -> list[str]:
 
     Opacus's ModuleValidator reports errors without the submodule path; we find the path.
     """
-    problems = []
     errors = ModuleValidator.validate(model, strict=False)
-    types_reported = {type(e).__name__: str(e) for e in errors}
     if not errors:
         return []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            problems.append(
-                f"model.{name}: {type(module).__name__} is not supported with DP "
-                "(it mixes patients within a batch); use norm: instance"
-            )
-    if not problems:  # something other than BatchNorm: report Opacus's words
-        problems = [f"model: {text}" for text in types_reported.values()]
-    return problems
+    problems = [
+        f"model.{name}: {type(module).__name__} is not supported with DP "
+        "(it mixes patients within a batch); use norm: instance"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    # Anything else Opacus found, in its own words: every message, not one per error type.
+    return problems or [f"model: {error}" for error in errors]
 
 
 def initial_weights(spec: ModelSpec, seed: int | None) -> dict[str, np.ndarray]:
