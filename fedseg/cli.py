@@ -7,9 +7,13 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:  # the CLI imports domain packages lazily, so `fedseg --help` stays fast
+    from server_app.history import SiteRound
 
 console = Console(soft_wrap=True)  # never break paths in messages across lines
 error_console = Console(stderr=True, soft_wrap=True)
@@ -39,10 +43,7 @@ def _simulate_data(args: argparse.Namespace) -> None:
     )
 
 
-def _format_record(record) -> str:
-    from server_app.history import SiteRound
-
-    assert isinstance(record, SiteRound)
+def _format_record(record: SiteRound) -> str:
     label = "final" if record.phase == "final" else f"round {record.round + 1}"
     if record.missing:
         return f"{label:>8} {record.site}: [red]no result[/red]"
@@ -61,7 +62,7 @@ def _format_record(record) -> str:
 
 def _simulate_run(args: argparse.Namespace) -> None:
     from jobs.spec import load_spec
-    from server_app.report import WEAK_EPSILON, console_tables, write_report
+    from server_app.report import WEAK_EPSILON, final_table, write_report
     from simulator.federation import discover_sites, run_simulation
 
     spec = load_spec(args.spec)
@@ -109,7 +110,7 @@ def _simulate_run(args: argparse.Namespace) -> None:
     report = write_report(
         result.history, spec=spec.to_plain(), out_dir=result.out_dir, wall_s=result.wall_s
     )
-    console.print(console_tables(report))
+    console.print(final_table(report))
     if report["stopped_reason"]:
         console.print(f"[yellow]stopped early:[/yellow] {report['stopped_reason']}")
     epsilons = [row["epsilon"] for row in report["per_site"] if row["epsilon"] is not None]

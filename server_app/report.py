@@ -15,7 +15,7 @@ from rich.table import Table
 from server_app.history import RunHistory, SiteRound
 from server_app.plots import plot_epsilon
 
-__all__ = ["WEAK_EPSILON", "build_report", "console_tables", "write_report"]
+__all__ = ["WEAK_EPSILON", "build_report", "final_table", "write_report"]
 
 EPSILON_PLOT = "epsilon_per_round.png"
 WEAK_EPSILON = 10.0
@@ -30,6 +30,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def build_report(history: RunHistory, *, spec: dict, wall_s: float | None = None) -> dict:
     """Everything a researcher needs from one run, as plain data."""
+    privacy = spec.get("privacy") or {}
     untrained = {r.site: r.val_dice for r in history.rounds if r.round == 0}
     final = {r.site: r for r in history.final}
     last_epsilon: dict[str, float | None] = {}
@@ -50,9 +51,7 @@ def build_report(history: RunHistory, *, spec: dict, wall_s: float | None = None
                 "val_patients": final_record.val_patients if final_record else None,
                 "epsilon": last_epsilon.get(site),
                 "budget_left": budget_left.get(site),
-                "delta": spec.get("privacy", {}).get("delta")
-                if spec.get("privacy", {}).get("enabled")
-                else None,
+                "delta": privacy.get("delta") if privacy.get("enabled") else None,
             }
         )
     refusals = [
@@ -214,7 +213,7 @@ def write_report(
     return report
 
 
-def console_tables(report: dict) -> Table:
+def final_table(report: dict) -> Table:
     table = Table(title=f"Final global model — {report['job']}")
     for column in _FINAL_HEADER:
         table.add_column(column, justify="left" if column == "site" else "right")
