@@ -13,14 +13,14 @@ from site_app.site_config import SiteConfig
 from tests.conftest import tiny_spec
 
 
-def _job(federation, tmp_path, spec=None, **config):
+def _job(federation, tmp_path, spec=None, simulation=True, **config):
     spec = spec or tiny_spec()
     return LocalJob(
         spec=spec,
         site="site-1",
         config=SiteConfig(data_dir=federation / "site-1", cache_dir=tmp_path / "cache", **config),
         state_dir=tmp_path / "state",
-        simulation=True,
+        simulation=simulation,
     )
 
 
@@ -124,13 +124,7 @@ def test_a_site_with_no_dicom_says_which_folder(tmp_path):
 
 
 def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_path):
-    job = LocalJob(
-        spec=tiny_spec(training={"seed": None}),
-        site="site-1",
-        config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
-        state_dir=tmp_path / "state",
-        simulation=False,
-    )
+    job = _job(tiny_federation, tmp_path, spec=tiny_spec(training={"seed": None}), simulation=False)
     job.train_round(initial_weights(job.spec.model, 0), 0)
     saved = torch.load(tmp_path / "state" / "dp_state.pt", weights_only=False)
     assert "noise" not in saved["rng"] and "sampler" not in saved["rng"]
@@ -140,13 +134,8 @@ def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_pat
 def test_deployed_noise_differs_between_two_runs_of_the_same_job(tiny_federation, tmp_path):
     results = []
     for run in ("a", "b"):
-        job = LocalJob(
-            spec=tiny_spec(training={"seed": None}),
-            site="site-1",
-            config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
-            state_dir=tmp_path / run,
-            simulation=False,
-        )
+        unseeded = tiny_spec(training={"seed": None})
+        job = _job(tiny_federation, tmp_path / run, spec=unseeded, simulation=False)
         weights, _ = job.train_round(initial_weights(job.spec.model, 0), 0)
         results.append(weights)
     assert any(not np.array_equal(results[0][k], results[1][k]) for k in results[0])
