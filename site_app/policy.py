@@ -38,19 +38,16 @@ class PrivacyPolicy(BaseModel):
     allowed_accountants: tuple[Accountant, ...] = (Accountant.RDP, Accountant.PRV)
 
 
-def job_policy_problems(spec: JobSpec, policy: PrivacyPolicy, *, simulation: bool) -> list[str]:
+def job_policy_problems(spec: JobSpec, policy: PrivacyPolicy) -> list[str]:
     """Every way ``spec`` breaks ``policy`` that is visible before the data is read.
 
     The noise multiplier of a target_epsilon job and the delta bound that depends on the number
-    of patients are checked later, once the site knows its patient count.
+    of patients are checked later, once the site knows its patient count. A seeded spec is
+    accepted everywhere: outside simulation the seed only fixes the patient split and crops;
+    Poisson sampling and DP noise are always drawn from the OS (``site_app.local_job``).
     """
     problems = []
     privacy = spec.privacy
-    if not simulation and spec.training.seed is not None:
-        problems.append(
-            f"training.seed is {spec.training.seed}: outside simulation DP noise is never "
-            "seeded (a known seed would let anyone subtract the noise); set training.seed: null"
-        )
     if not privacy.enabled:
         if policy.dp_required:
             problems.append("privacy.enabled is false, but this site requires DP for every job")

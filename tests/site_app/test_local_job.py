@@ -124,7 +124,8 @@ def test_a_site_with_no_dicom_says_which_folder(tmp_path):
 
 
 def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_path):
-    job = _job(tiny_federation, tmp_path, spec=tiny_spec(training={"seed": None}), simulation=False)
+    # Even with training.seed set: outside simulation the seed fixes splits and crops only.
+    job = _job(tiny_federation, tmp_path, spec=tiny_spec(), simulation=False)
     job.train_round(initial_weights(job.spec.model, 0), 0)
     saved = torch.load(tmp_path / "state" / "dp_state.pt", weights_only=False)
     assert "noise" not in saved["rng"] and "sampler" not in saved["rng"]
@@ -134,8 +135,8 @@ def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_pat
 def test_deployed_noise_differs_between_two_runs_of_the_same_job(tiny_federation, tmp_path):
     results = []
     for run in ("a", "b"):
-        unseeded = tiny_spec(training={"seed": None})
-        job = _job(tiny_federation, tmp_path / run, spec=unseeded, simulation=False)
+        seeded = tiny_spec()  # the same spec as in simulation: the seed must not reach the noise
+        job = _job(tiny_federation, tmp_path / run, spec=seeded, simulation=False)
         weights, _ = job.train_round(initial_weights(job.spec.model, 0), 0)
         results.append(weights)
     assert any(not np.array_equal(results[0][k], results[1][k]) for k in results[0])

@@ -10,41 +10,37 @@ from tests.conftest import tiny_spec
 
 
 @pytest.mark.parametrize(
-    ("spec", "policy", "simulation", "expected"),
+    ("spec", "policy", "expected"),
     [
-        (tiny_spec(privacy={"enabled": False}), PrivacyPolicy(), True, "requires DP"),
+        (tiny_spec(privacy={"enabled": False}), PrivacyPolicy(), "requires DP"),
         (
             tiny_spec(privacy={"noise_multiplier": 0.5}),
             PrivacyPolicy(min_noise_multiplier=0.8),
-            True,
             "noise_multiplier is 0.5, below this site's minimum of 0.8",
         ),
         (
             tiny_spec(privacy={"noise_multiplier": None, "target_epsilon": 20}),
             PrivacyPolicy(max_epsilon_per_job=8),
-            True,
             "target_epsilon is 20, above this site's max_epsilon_per_job of 8",
         ),
         (
             tiny_spec(privacy={"accountant": "prv"}),
             PrivacyPolicy(allowed_accountants=("rdp",)),
-            True,
             "accountant is prv; this site accepts: rdp",
         ),
-        (tiny_spec(privacy={"delta": 1e-3}), PrivacyPolicy(max_delta=1e-5), True, "max_delta"),
-        (tiny_spec(), PrivacyPolicy(), False, "training.seed is 0: outside simulation"),
+        (tiny_spec(privacy={"delta": 1e-3}), PrivacyPolicy(max_delta=1e-5), "max_delta"),
     ],
-    ids=["dp-off", "low-noise", "epsilon-above-max", "accountant", "delta", "seed-in-deployment"],
+    ids=["dp-off", "low-noise", "epsilon-above-max", "accountant", "delta"],
 )
-def test_jobs_that_break_the_policy_are_refused_with_the_reason(spec, policy, simulation, expected):
-    problems = job_policy_problems(spec, policy, simulation=simulation)
+def test_jobs_that_break_the_policy_are_refused_with_the_reason(spec, policy, expected):
+    problems = job_policy_problems(spec, policy)
     assert any(expected in problem for problem in problems), problems
 
 
 def test_a_compliant_job_passes():
     spec = tiny_spec(training={"seed": None}, privacy={"noise_multiplier": 1.0})
     assert (
-        job_policy_problems(spec, PrivacyPolicy(min_noise_multiplier=0.8), simulation=False) == []
+        job_policy_problems(spec, PrivacyPolicy(min_noise_multiplier=0.8)) == []
     )
 
 
