@@ -6,12 +6,13 @@ each naming the series by `series_key` (a hash) and files by relative path, neve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path, PurePosixPath
@@ -20,7 +21,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian, MRImageStorage
 
 from site_app.quarantine import QuarantineEntry, QuarantineReason
 
@@ -28,9 +30,13 @@ SEGMENTATION_SOP_CLASSES = frozenset(
     {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}  # SEG, Label Map SEG
 )
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# Objects that must carry a SeriesInstanceUID to be used: without one they are broken, not foreign.
+_SERIES_SOP_CLASSES = frozenset({CTImageStorage, MRImageStorage, *SEGMENTATION_SOP_CLASSES})
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ELEMENT_HEADER_BYTES = 8  # tag + VR + length, short form
 _PREAMBLE_END = 132  # 128-byte preamble + b"DICM"
+_PIXEL_DATA = 0x7FE00010
+_EXTENDED_OFFSET_TABLE = 0x7FE00001
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between direction cosines still read as the same orientation."""
@@ -55,13 +61,32 @@ def patient_key(patient_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class PixelLayout:
+    """Where a file's Pixel Data value lies and how to decode it without parsing the file again.
+
+    ``offset`` and ``length`` locate the value (native pixels, or the encapsulated fragments) in
+    the file's bytes; ``options`` are the Image Pixel values as ``pydicom.pixels.as_pixel_options``
+    gives them (rows, columns, bits, samples, photometric interpretation, frames) and the Pixel
+    Data VR, as (name, value) pairs.
+    """
+
+    offset: int
+    length: int
+    options: tuple[tuple[str, int | str], ...]
+
+
+@dataclass(frozen=True)
 class SliceHeader:
     """What ingestion keeps of one DICOM file's header (no names, IDs or dates).
 
     Geometry fields are ``None`` when the attribute is missing or malformed. ``position_mm`` is
     ImagePositionPatient (x, y, z) in mm; ``orientation`` the 6 ImageOrientationPatient cosines;
-    ``pixel_spacing_mm`` is (row spacing, column spacing) in mm. UIDs are kept in memory only, to
-    group and pair files; they are never logged.
+    ``pixel_spacing_mm`` is (row spacing, column spacing) in mm. ``rescale`` is (RescaleSlope,
+    RescaleIntercept), HU = stored * slope + intercept; (1, 0) when absent, None when present but
+    not a number. ``pixel_layout`` locates the Pixel Data (None when it cannot be located, e.g.
+    in a deflated file). ``stamp`` is (size in bytes, modification time in ns) when the file was
+    read, to notice a file rewritten before it is decoded. UIDs are kept in memory only, to group
+    and pair files; they are never logged.
     """
 
     path: str
@@ -83,6 +108,10 @@ class SliceHeader:
     manufacturer: str | None = None
     slice_thickness_mm: float | None = None
     referenced_series_uids: tuple[str, ...] = ()
+    transfer_syntax_uid: str = ""
+    rescale: tuple[float, float] | None = (1.0, 0.0)
+    pixel_layout: PixelLayout | None = None
+    stamp: tuple[int, int] | None = None
 
     @property
     def is_segmentation(self) -> bool:
@@ -114,13 +143,17 @@ class SeriesGeometry:
 # --- reading (the only I/O in this module) ---------------------------------------------------
 
 
-def read_header(path: Path, root: Path) -> SliceHeader | QuarantineEntry:
+def read_header(
+    path: Path, root: Path, known: Mapping[str, SliceHeader] | None = None
+) -> SliceHeader | QuarantineEntry:
     """Read one file's header (and its bytes, once, for the content digest).
 
     Returns a `QuarantineEntry` instead of raising when the file is not DICOM, cannot be read,
     is cut short, or lacks the identifiers needed to group it. Files without the 128-byte
     preamble and ``DICM`` marker are not parsed (they are ``not_dicom``): forcing a parse of
     arbitrary files yields garbage datasets, and preamble-less DICOM is rare on disk.
+    ``known`` maps content digests (sha256 hex) to headers read before, e.g. from a cache: a
+    file whose bytes hash to one of them is not parsed again (only its path is updated).
     """
     rel = path.relative_to(root).as_posix()
     try:
@@ -134,6 +167,7 @@ def read_header(path: Path, root: Path) -> SliceHeader | QuarantineEntry:
                     "remove it from the data folder, or re-export it from PACS as a DICOM file "
                     "if it is a raw DICOM stream",
                 )
+            stat = os.fstat(handle.fileno())
             data = head + handle.read()
     except OSError as exc:
         return QuarantineEntry(
@@ -142,6 +176,10 @@ def read_header(path: Path, root: Path) -> SliceHeader | QuarantineEntry:
             f"could not be read ({type(exc).__name__}); check that the file is complete and "
             "readable by the fedseg user",
         )
+    digest = hashlib.sha256(data).hexdigest()
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    if known is not None and digest in known:
+        return dataclasses.replace(known[digest], path=rel, digest=digest, stamp=stamp)
     try:
         dataset = dcmread(BytesIO(data))
         truncated = _is_truncated(dataset, len(data))
@@ -160,7 +198,7 @@ def read_header(path: Path, root: Path) -> SliceHeader | QuarantineEntry:
             "copy it again from the source",
         )
     try:
-        return _header_from_dataset(dataset, rel, hashlib.sha256(data).hexdigest())
+        return _header_from_dataset(dataset, rel, digest, stamp)
     except Exception as exc:
         return QuarantineEntry(
             rel,
@@ -187,7 +225,9 @@ def _is_truncated(dataset: Dataset, size: int) -> bool:
     return not inflated and 0 < size - end < _ELEMENT_HEADER_BYTES
 
 
-def _header_from_dataset(ds: Dataset, rel: str, digest: str) -> SliceHeader | QuarantineEntry:
+def _header_from_dataset(
+    ds: Dataset, rel: str, digest: str, stamp: tuple[int, int] | None = None
+) -> SliceHeader | QuarantineEntry:
     sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if sop_class == DICOMDIR_SOP_CLASS:
         return QuarantineEntry(
@@ -197,14 +237,23 @@ def _header_from_dataset(ds: Dataset, rel: str, digest: str) -> SliceHeader | Qu
             "directly from the folder)",
         )
     missing = [k for k in ("SOPClassUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
+    if missing == ["SeriesInstanceUID"] and sop_class not in _SERIES_SOP_CLASSES:
+        # Some stored objects (colour palettes, hanging protocols, ...) belong to no series.
+        return QuarantineEntry(
+            rel,
+            QuarantineReason.UNSUPPORTED_MODALITY,
+            f"a {_sop_class_name(sop_class)} object without a SeriesInstanceUID; fedseg does not "
+            "use this kind of object (nothing to do)",
+        )
     if missing:
-        # Every stored DICOM object carries these; without them the file was cut short between
+        # Every stored image object carries these; without them the file was cut short between
         # elements or is broken beyond use.
         return QuarantineEntry(
             rel,
             QuarantineReason.TRUNCATED,
-            f"has no {', '.join(missing)}, which every DICOM object carries: the file is cut "
-            "short or broken; copy it again from the source",
+            f"has no {', '.join(missing)}, which every DICOM image object carries: the file is "
+            "cut short, broken, or a fragment that is not an image; copy it again from the "
+            "source if it should be one",
         )
     referenced = tuple(
         str(item.SeriesInstanceUID)
@@ -232,7 +281,63 @@ def _header_from_dataset(ds: Dataset, rel: str, digest: str) -> SliceHeader | Qu
         manufacturer=str(ds.get("Manufacturer", "") or "").strip() or None,
         slice_thickness_mm=_optional_float(ds.get("SliceThickness")),
         referenced_series_uids=referenced,
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "") or ""),
+        rescale=_rescale(ds),
+        pixel_layout=pixel_layout(ds),
+        stamp=stamp,
     )
+
+
+def pixel_layout(ds: Dataset) -> PixelLayout | None:
+    """Where ``ds`` (read from a whole file's bytes) keeps its Pixel Data, for decoding it later
+    from those bytes alone; None when there is none, it was already converted, or its offsets
+    do not refer to the file's bytes (deflated files) or need extra tables (extended offsets)."""
+    raw = ds.get_item(_PIXEL_DATA)
+    inflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if (
+        not isinstance(raw, RawDataElement)
+        or not isinstance(raw.value, bytes)
+        or inflated
+        or _EXTENDED_OFFSET_TABLE in ds
+    ):
+        return None
+    try:
+        options = as_pixel_options(ds)
+    except Exception:  # malformed Image Pixel values: decoding will say so
+        return None
+    if isinstance(raw.VR, str):  # big endian 8-bit OW data is byte-swapped by the decoder
+        options["pixel_vr"] = raw.VR
+    return PixelLayout(
+        offset=int(raw.value_tell),
+        length=len(raw.value),
+        options=tuple(
+            (name, value if isinstance(value, str) else int(value))
+            for name, value in sorted(options.items())
+        ),
+    )
+
+
+def _rescale(ds: Dataset) -> tuple[float, float] | None:
+    """(RescaleSlope, RescaleIntercept); (1, 0) for what is absent; None if one is malformed."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            values.append(default)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(number):
+            return None
+        values.append(number)
+    return (values[0], values[1])
+
+
+def _sop_class_name(sop_class: str) -> str:
+    name = UID(sop_class).name
+    return name if name != sop_class else "non-image (unknown SOP class)"
 
 
 def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:

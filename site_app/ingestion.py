@@ -1,32 +1,38 @@
-"""Site-side DICOM ingestion: walk a folder, group and validate series, decode CT, pair DICOM SEG.
+"""Site-side DICOM ingestion: walk a folder, group and validate series, decode CT, pair labels.
 
-Everything that cannot be used goes to the quarantine list with a reason; everything usable is
-still used. Logs name series by `series_key` and files by relative path, never by patient data.
+Labels are DICOM SEG objects or NIfTI masks (`site_app.nifti_labels`). Everything that cannot be
+used goes to the quarantine list with a reason; everything usable is still used. Logs name series
+by `series_key` and files by relative path, never by patient data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 from rich.console import Console
 from rich.progress import track
 
 from site_app.dicom_series import (
+    PixelLayout,
     SeriesGeometry,
     SeriesProblem,
     SliceHeader,
@@ -38,6 +44,14 @@ from site_app.dicom_series import (
     series_problems,
     split_identical_copies,
 )
+from site_app.nifti_labels import (
+    MaskFile,
+    is_nifti,
+    mask_on_series_grid,
+    mask_targets,
+    read_mask,
+    read_mask_file,
+)
 from site_app.quarantine import QuarantineEntry, QuarantineReason, sorted_entries
 
 __all__ = [
@@ -45,17 +59,27 @@ __all__ = [
     "LabelledVolume",
     "NoDicomFoundError",
     "PatientRecord",
+    "decode_pixels",
     "ingest_site",
     "series_key",
+    "stored_pixels",
 ]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = "fedseg-ingest-v1"
-"""Part of every cache key: bump it when decoding changes so old cache files are not reused."""
+CACHE_VERSION = "fedseg-ingest-v2"
+"""Part of every cache key and of the header cache: bump it when decoding or `SliceHeader`
+changes, so old cache files are not reused."""
+HEADER_CACHE_NAME = "headers.json"
+VOLUME_SUFFIX = ".npy"
+"""A cached volume is one file of four consecutive .npy records: the version, HU (int16 when
+whole, else float32), label (uint8) and geometry (spacing 3, orientation 6, origin 3; float64)."""
+_PER_FILE_FIELDS = frozenset({"path", "digest", "stamp"})  # not cached: they belong to one file
 
 _FRACTIONAL_LESION_THRESHOLD = 0.5
 _T = TypeVar("_T")
+Label = SliceHeader | MaskFile
+"""A series' label: the header of a DICOM SEG, or a NIfTI mask file."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,10 +88,11 @@ class LabelledVolume:
 
     ``image_hu`` is float32 (rows, cols, slices) in Hounsfield units (RescaleSlope/Intercept
     applied per slice); ``label`` is uint8 of the same shape, 1 = lesion (any non-zero segment of
-    the SEG). Slices ascend along the slice normal (row cosine x column cosine). ``spacing_mm`` is
-    (row spacing, column spacing, slice spacing); ``orientation`` the 6 ImageOrientationPatient
-    cosines; ``origin_mm`` the ImagePositionPatient of the first slice. Arrays are read-only.
-    Equality compares array contents.
+    the SEG, or any non-zero voxel of the NIfTI mask, placed on the same grid). Slices ascend
+    along the slice normal (row cosine x column cosine). ``spacing_mm`` is (row spacing, column
+    spacing, slice spacing); ``orientation`` the 6 ImageOrientationPatient cosines;
+    ``origin_mm`` the ImagePositionPatient of the first slice. Arrays are read-only. Equality
+    compares array contents.
     """
 
     series_key: str
@@ -114,7 +139,9 @@ class PatientRecord:
 class IngestionResult:
     """What `ingest_site` found. ``series_found`` counts image series of any modality (SEG label
     objects excluded); ``series_usable`` counts labelled volumes; ``cache_hits`` counts volumes
-    read from the cache instead of decoded."""
+    read from the cache instead of decoded. ``used_files`` lists (relative POSIX, sorted) the
+    files behind the usable volumes: their slices and labels. Every file seen is either there or
+    covered by a quarantine entry (`QuarantineEntry.covered_files`)."""
 
     patients: tuple[PatientRecord, ...]
     quarantine: tuple[QuarantineEntry, ...]
@@ -122,6 +149,7 @@ class IngestionResult:
     series_found: int
     series_usable: int
     cache_hits: int = 0
+    used_files: tuple[str, ...] = field(default=(), repr=False)
 
 
 class NoDicomFoundError(FileNotFoundError):
@@ -139,9 +167,10 @@ def ingest_site(
     Args:
         data_dir: folder with the site's DICOM export, walked recursively (any file names). It is
             only read, never written.
-        cache_dir: folder for decoded volumes (``.npz``, keyed by a hash of the files' bytes); a
-            rerun over unchanged files loads them instead of decoding. Must lie outside
-            ``data_dir``. None disables caching.
+        cache_dir: folder for decoded volumes (``.npy``, keyed by a hash of the files' bytes)
+            and parsed headers (``headers.json``); a rerun over unchanged files loads them
+            instead of parsing and decoding. Must lie outside ``data_dir``. None disables
+            caching.
         progress: show a progress bar (on stderr) while reading and decoding.
 
     Raises:
@@ -153,8 +182,15 @@ def ingest_site(
     root = _require_data_dir(Path(data_dir))
     cache = _VolumeCache(_require_cache_dir(Path(cache_dir), root)) if cache_dir else None
     files = _walk(root)
+    mask_files = [p for p in files if is_nifti(p)]
+    known = cache.load_headers() if cache is not None else None
     with _dicom_libraries_silenced():
-        reads = [read_header(p, root) for p in _track(files, "Reading DICOM headers", progress)]
+        reads = [
+            read_header(p, root, known)
+            for p in _track(
+                [p for p in files if not is_nifti(p)], "Reading DICOM headers", progress
+            )
+        ]
         headers = [r for r in reads if isinstance(r, SliceHeader)]
         if not headers:
             raise NoDicomFoundError(
@@ -162,7 +198,10 @@ def ingest_site(
                 "marker); point the site's data path (--data) at the folder holding the DICOM "
                 "export"
             )
-        quarantine = [r for r in reads if isinstance(r, QuarantineEntry)]
+        if cache is not None:
+            cache.store_headers(headers)
+        mask_reads = [read_mask_file(p, root) for p in mask_files]
+        quarantine = [r for r in (*reads, *mask_reads) if isinstance(r, QuarantineEntry)]
         headers = _drop_images_without_pixels(headers, quarantine)
 
         series = group_by_series(h for h in headers if not h.is_segmentation)
@@ -176,25 +215,33 @@ def ingest_site(
             else:
                 rejected[uid] = outcome
 
+        labels: dict[str, Label]
         labels, label_entries = _pair_labels(
             [h for h in headers if h.is_segmentation], valid, rejected
         )
         quarantine += label_entries
+        masks, mask_entries = _pair_masks(
+            [r for r in mask_reads if isinstance(r, MaskFile)], series, rejected, labels
+        )
+        labels.update(masks)
+        quarantine += mask_entries
 
         volumes: dict[str, list[tuple[LabelledVolume, SliceHeader]]] = defaultdict(list)
+        used_files: list[str] = []
         cache_hits = 0
         for uid in _track(list(valid), "Decoding series", progress):
             geometry = valid[uid]
-            seg = labels.get(uid)
-            if seg is None:
+            label = labels.get(uid)
+            if label is None:
                 quarantine.append(_unlabelled(uid, geometry))
                 continue
-            volume, entries, hit = _labelled_volume(root, uid, geometry, seg, cache)
+            volume, entries, hit = _labelled_volume(root, uid, geometry, label, cache)
             quarantine += entries
             cache_hits += hit
             if volume is not None:
                 first = geometry.slices[0]
                 volumes[first.patient_key].append((volume, first))
+                used_files += [h.path for h in geometry.slices] + [label.path]
 
     patients = tuple(_patient_record(key, volumes[key]) for key in sorted(volumes))
     result = IngestionResult(
@@ -204,9 +251,12 @@ def ingest_site(
         series_found=len(series),
         series_usable=sum(len(p.volumes) for p in patients),
         cache_hits=cache_hits,
+        used_files=tuple(sorted(used_files)),
     )
+    # Per entry at debug level only: paths are the site's own names, and a PACS export may name
+    # folders after patients. The list itself goes to quarantine.json, which stays at the site.
     for entry in result.quarantine:
-        logger.info("quarantined %s (%s): %s", entry.path, entry.reason.value, entry.detail)
+        logger.debug("quarantined %s (%s): %s", entry.path, entry.reason.value, entry.detail)
     logger.info(
         "ingested %d files: %d image series, %d usable labelled series of %d patients "
         "(%d from cache), %d quarantine entries",
@@ -318,6 +368,7 @@ def _validate_series(
     (else the first reason it was rejected for)."""
     key = series_key(uid)
     folder = series_folder(h.path for h in group)
+    paths = tuple(h.path for h in group)
     classes = {h.sop_class_uid for h in group}
     if CTImageStorage not in classes:
         if classes == {EnhancedCTImageStorage}:
@@ -332,7 +383,7 @@ def _validate_series(
                 "(CT Image Storage) with DICOM SEG labels; nothing to do unless this is CT"
             )
         reason = QuarantineReason.UNSUPPORTED_MODALITY
-        return [QuarantineEntry(folder, reason, detail, key)], reason
+        return [QuarantineEntry(folder, reason, detail, key, files=paths)], reason
 
     kept, copies = split_identical_copies(group)
     entries = [
@@ -346,7 +397,10 @@ def _validate_series(
         for copy, original in copies
     ]
     problems = series_problems(kept)
-    entries += [QuarantineEntry(folder, p.reason, p.detail, key) for p in problems]
+    kept_paths = tuple(h.path for h in kept)
+    entries += [
+        QuarantineEntry(folder, p.reason, p.detail, key, files=kept_paths) for p in problems
+    ]
     return entries, problems[0].reason if problems else series_geometry(kept)
 
 
@@ -418,13 +472,58 @@ def _pair_labels(
     return labels, entries
 
 
+def _pair_masks(
+    masks: list[MaskFile],
+    series: Mapping[str, Sequence[SliceHeader]],
+    rejected: Mapping[str, QuarantineReason],
+    segs: Mapping[str, SliceHeader],
+) -> tuple[dict[str, MaskFile], list[QuarantineEntry]]:
+    """Match each NIfTI mask to the image series it labels (`nifti_labels.mask_targets`); a
+    series' DICOM SEG wins over masks, a mask named after the series over one found by folder,
+    then the first by path."""
+    folders = {uid: series_folder(h.path for h in group) for uid, group in series.items()}
+    candidates, entries = mask_targets(masks, folders)
+    paired: dict[str, MaskFile] = {}
+    for uid, found in candidates.items():
+        key = series_key(uid)
+        for mask in found:
+            if uid in rejected:
+                detail = (
+                    f"labels series {key}, which was quarantined ({rejected[uid].value}); fix "
+                    "that series (see its entry) and re-run"
+                )
+                reason = QuarantineReason.LABEL_WITHOUT_SERIES
+            elif uid in segs:
+                detail = (
+                    f"a NIfTI mask for series {key}, which already has the DICOM SEG "
+                    f"{segs[uid].path}; the mask is ignored (remove one of them if the mask is "
+                    "the right label)"
+                )
+                reason = QuarantineReason.DUPLICATE_INSTANCE
+            elif uid in paired:
+                first = paired[uid]
+                detail = (
+                    f"byte-identical copy of {first.path}; the copy is ignored"
+                    if mask.digest == first.digest
+                    else f"a second NIfTI mask for series {key}; only {first.path} is used "
+                    "(remove one of them if the other is the right label)"
+                )
+                reason = QuarantineReason.DUPLICATE_INSTANCE
+            else:
+                paired[uid] = mask
+                continue
+            entries.append(QuarantineEntry(mask.path, reason, detail, key))
+    return paired, entries
+
+
 def _unlabelled(uid: str, geometry: SeriesGeometry) -> QuarantineEntry:
     return QuarantineEntry(
         series_folder(h.path for h in geometry.slices),
         QuarantineReason.UNLABELLED_SERIES,
-        f"a valid CT series ({len(geometry.slices)} slices) with no DICOM SEG label; it is not "
-        "used for supervised training (nothing is wrong with the data)",
+        f"a valid CT series ({len(geometry.slices)} slices) with no label (DICOM SEG or NIfTI "
+        "mask); it is not used for supervised training (nothing is wrong with the data)",
         series_key(uid),
+        files=tuple(h.path for h in geometry.slices),
     )
 
 
@@ -435,25 +534,26 @@ def _labelled_volume(
     root: Path,
     uid: str,
     geometry: SeriesGeometry,
-    seg: SliceHeader,
+    label: Label,
     cache: _VolumeCache | None,
 ) -> tuple[LabelledVolume | None, list[QuarantineEntry], bool]:
-    """Decode (or load from the cache) one CT series and its SEG. Returns (volume or None,
+    """Decode (or load from the cache) one CT series and its label. Returns (volume or None,
     quarantine entries, whether the cache was used)."""
     key = series_key(uid)
-    cache_key = _cache_key(geometry.slices, seg)
+    cache_key = _cache_key(geometry.slices, label)
     if cache is not None and (volume := cache.load(cache_key, key)) is not None:
         return volume, [], True
 
+    folder = series_folder(h.path for h in geometry.slices)
+    slice_paths = tuple(h.path for h in geometry.slices)
     image = _decode_image(root, geometry)
     if isinstance(image, SeriesProblem):
-        folder = series_folder(h.path for h in geometry.slices)
         return (
             None,
             [
-                QuarantineEntry(folder, image.reason, image.detail, key),
+                QuarantineEntry(folder, image.reason, image.detail, key, files=slice_paths),
                 QuarantineEntry(
-                    seg.path,
+                    label.path,
                     QuarantineReason.LABEL_WITHOUT_SERIES,
                     f"labels series {key}, which was quarantined ({image.reason.value}); fix "
                     "that series (see its entry) and re-run",
@@ -462,12 +562,30 @@ def _labelled_volume(
             ],
             False,
         )
-    label = _decode_label(root, seg, geometry, key)
-    if isinstance(label, SeriesProblem):
-        return None, [QuarantineEntry(seg.path, label.reason, label.detail, key)], False
+    if isinstance(label, MaskFile):
+        mask = _decode_mask(root, label, geometry)
+    else:
+        mask = _decode_label(root, label, geometry, key)
+    if isinstance(mask, SeriesProblem):
+        return (
+            None,
+            [
+                QuarantineEntry(label.path, mask.reason, mask.detail, key),
+                QuarantineEntry(
+                    folder,
+                    QuarantineReason.UNLABELLED_SERIES,
+                    f"a valid CT series ({len(slice_paths)} slices) whose only label, "
+                    f"{label.path}, was quarantined (see its entry); it is not used until the "
+                    "label is fixed",
+                    key,
+                    files=slice_paths,
+                ),
+            ],
+            False,
+        )
 
     volume = _frozen_volume(
-        key, image, label, geometry.spacing_mm, geometry.orientation, geometry.origin_mm
+        key, image, mask, geometry.spacing_mm, geometry.orientation, geometry.origin_mm
     )
     if cache is not None:
         cache.store(cache_key, volume)
@@ -476,28 +594,117 @@ def _labelled_volume(
 
 def _decode_image(root: Path, geometry: SeriesGeometry) -> np.ndarray | SeriesProblem:
     """HU volume (rows, cols, slices) float32 in the order of ``geometry.slices``."""
-    planes = []
-    for header in geometry.slices:
+    first = geometry.slices[0]
+    volume = np.empty((len(geometry.slices), first.rows or 0, first.columns or 0), np.float32)
+    for k, header in enumerate(geometry.slices):
+        stored = stored_pixels(root / header.path, header)
+        if isinstance(stored, SeriesProblem):
+            return stored
+        if header.rescale is None:
+            return SeriesProblem(
+                QuarantineReason.UNDECODABLE_PIXELS,
+                f"RescaleSlope or RescaleIntercept of {header.path} is not a number, so its "
+                "pixels cannot be converted to HU; re-export the series from the scanner/PACS",
+            )
+        slope, intercept = header.rescale
+        np.multiply(stored, np.float32(slope), out=volume[k], dtype=np.float32)
+        volume[k] += np.float32(intercept)
+    # One transposing copy: slices are decoded as (rows, cols) planes, the volume is slice-last.
+    return np.ascontiguousarray(np.moveaxis(volume, 0, -1))
+
+
+def stored_pixels(path: Path, header: SliceHeader) -> np.ndarray | SeriesProblem:
+    """The stored values of one single-frame greyscale image file, (rows, cols), decoded by
+    `decode_pixels`; a problem instead of raising. The file must still have the size and
+    modification time it had when its header was read (``header.stamp``), so what is decoded is
+    what was validated and hashed (and is cached under that hash).
+    """
+    try:
+        with path.open("rb") as handle:
+            stat = os.fstat(handle.fileno())
+            data = handle.read()
+    except OSError as exc:
+        return SeriesProblem(
+            QuarantineReason.TRUNCATED,
+            f"{header.path} could not be read again ({type(exc).__name__}); check that the file "
+            "is still there and readable by the fedseg user",
+        )
+    unchanged = header.stamp in (None, (stat.st_size, stat.st_mtime_ns))
+    if not unchanged or len(data) != stat.st_size:
+        return SeriesProblem(
+            QuarantineReason.TRUNCATED,
+            f"{header.path} changed while fedseg was reading the data folder (an export still "
+            "being written?); re-run when the copy has finished",
+        )
+    try:
+        stored = decode_pixels(data, header.transfer_syntax_uid, header.pixel_layout)
+    except Exception as exc:  # decoder plugins raise many types
+        return SeriesProblem(
+            QuarantineReason.UNDECODABLE_PIXELS,
+            f"pixel data of {header.path} could not be decoded ({_describe(exc)}); export "
+            "the series uncompressed (Explicit VR Little Endian) or install the decoder "
+            "for its transfer syntax",
+        )
+    if stored.shape != (header.rows, header.columns):
+        what = "colour" if stored.ndim == 3 and stored.shape[-1] in (3, 4) else "unexpected"
+        return SeriesProblem(
+            QuarantineReason.UNDECODABLE_PIXELS,
+            f"pixel data of {header.path} decoded to shape {stored.shape} ({what}), expected "
+            f"({header.rows}, {header.columns}) from Rows/Columns: CT slices are single-frame "
+            "greyscale; the file is corrupt or not a CT slice",
+        )
+    return stored
+
+
+def decode_pixels(
+    data: bytes, transfer_syntax_uid: str, layout: PixelLayout | None = None
+) -> np.ndarray:
+    """Pixel data of one DICOM file's bytes as pydicom decodes it (``Dataset.pixel_array``:
+    codec plugins for compressed syntaxes; (rows, cols), (frames, rows, cols) or with samples
+    last). Raises what pydicom raises.
+
+    With ``layout`` (from the header read), pydicom's decoder takes the Pixel Data value straight
+    from ``data``, so the file is not parsed a second time; without it, or if that fails, the
+    file is read whole by ``dcmread`` as usual.
+    """
+    if layout is not None:
         try:
-            ds = dcmread(root / header.path)
-            stored = ds.pixel_array
-            slope = _number(ds.get("RescaleSlope"), default=1.0)
-            intercept = _number(ds.get("RescaleIntercept"), default=0.0)
-        except Exception as exc:  # decoder plugins raise many types
-            return SeriesProblem(
-                QuarantineReason.UNDECODABLE_PIXELS,
-                f"pixel data of {header.path} could not be decoded ({_describe(exc)}); export "
-                "the series uncompressed (Explicit VR Little Endian) or install the decoder "
-                "for its transfer syntax",
+            value = data[layout.offset : layout.offset + layout.length]
+            decoded, _ = get_decoder(UID(transfer_syntax_uid)).as_array(
+                value,
+                transfer_syntax_uid=UID(transfer_syntax_uid),
+                pixel_keyword="PixelData",
+                **dict(layout.options),
             )
-        if stored.shape != (header.rows, header.columns):
-            return SeriesProblem(
-                QuarantineReason.UNDECODABLE_PIXELS,
-                f"pixel data of {header.path} decoded to shape {stored.shape}, expected "
-                f"({header.rows}, {header.columns}) from Rows/Columns; the file is corrupt",
-            )
-        planes.append(stored.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-    return np.stack(planes, axis=-1).astype(np.float32, copy=False)
+            return decoded
+        except Exception:  # the full read below is the authority when this fails
+            pass
+    return dcmread(BytesIO(data)).pixel_array
+
+
+def _decode_mask(
+    root: Path, mask: MaskFile, geometry: SeriesGeometry
+) -> np.ndarray | SeriesProblem:
+    """Binary lesion mask (rows, cols, slices) uint8 from a NIfTI file, on the series' grid."""
+    path = root / mask.path
+    try:
+        unchanged = hashlib.sha256(path.read_bytes()).hexdigest() == mask.digest
+    except OSError as exc:
+        return SeriesProblem(
+            QuarantineReason.TRUNCATED,
+            f"could not be read again ({type(exc).__name__}); check that the file is still there "
+            "and readable by the fedseg user",
+        )
+    if not unchanged:
+        return SeriesProblem(
+            QuarantineReason.TRUNCATED,
+            "changed while fedseg was reading the data folder; re-run when the copy has finished",
+        )
+    read = read_mask(path)
+    if isinstance(read, SeriesProblem):
+        return read
+    data, affine = read
+    return mask_on_series_grid(data, affine, geometry)
 
 
 def _decode_label(
@@ -511,7 +718,7 @@ def _decode_label(
     first = geometry.slices[0]
     try:
         seg = hd.seg.segread(root / seg_header.path)
-        _ = seg.pixel_array  # decode once here so a codec failure is told apart from a misfit
+        seg.get_stored_frame(1)  # decode one frame here, so a codec failure is told from a misfit
     except Exception as exc:
         return SeriesProblem(
             QuarantineReason.UNDECODABLE_PIXELS,
@@ -558,13 +765,17 @@ def _decode_label(
         if np.issubdtype(pixels.dtype, np.floating)
         else pixels > 0
     )
-    return np.moveaxis(lesion.any(axis=-1), 0, -1).astype(np.uint8)
+    return _slices_last(lesion.any(axis=-1))
 
 
-def _number(value: object, *, default: float) -> float:
-    if value is None or value == "":
-        return default
-    return float(value)  # type: ignore[arg-type]
+def _slices_last(mask: np.ndarray) -> np.ndarray:
+    """A (slices, rows, cols) boolean mask as contiguous uint8 (rows, cols, slices). Only slices
+    holding a lesion are copied: lesions are sparse, and a full transposing copy of a byte
+    volume costs more than the SEG read itself."""
+    out = np.zeros((*mask.shape[1:], mask.shape[0]), dtype=np.uint8)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        out[:, :, k] = mask[k]
+    return out
 
 
 _UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
@@ -601,38 +812,109 @@ def _frozen_volume(
     )
 
 
-def _cache_key(slices: Sequence[SliceHeader], seg: SliceHeader) -> str:
+def _cache_key(slices: Sequence[SliceHeader], label: Label) -> str:
     """sha256 over the version tag and the content digests of the series' files (by path) and of
-    the SEG: any changed byte gives a new key."""
+    its label (SEG or NIfTI): any changed byte gives a new key."""
     digest = hashlib.sha256(CACHE_VERSION.encode())
     for header in sorted(slices, key=lambda h: h.path):
         digest.update(header.digest.encode())
-    digest.update(b"seg:" + seg.digest.encode())
+    kind = b"nifti:" if isinstance(label, MaskFile) else b"seg:"
+    digest.update(kind + label.digest.encode())
     return digest.hexdigest()
 
 
 class _VolumeCache:
-    """Decoded volumes as ``<key>.npz`` files; writes are atomic (temp file, then rename)."""
+    """Decoded volumes as ``<key>.npy`` files (`VOLUME_SUFFIX`), and parsed headers by content
+    digest in ``headers.json``; writes are atomic (temp file, then rename).
+
+    The header cache lets a rerun over unchanged files skip parsing them: a file is still read
+    and hashed, and a file whose bytes changed gets a new digest and is parsed again. It holds
+    what `SliceHeader` holds (UIDs and patient pseudonyms, no names or dates) and, like the
+    decoded volumes, must stay at the site.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._headers_loaded: frozenset[str] = frozenset()
+
+    def load_headers(self) -> dict[str, SliceHeader]:
+        """Headers stored by an earlier run, by content digest ({} if none or unreadable)."""
+        path = self.directory / HEADER_CACHE_NAME
+        if not path.exists():
+            return {}
+        names = {f.name for f in dataclasses.fields(SliceHeader)} - _PER_FILE_FIELDS
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("version") != CACHE_VERSION:
+                return {}
+            headers = {}
+            for digest, fields in document["headers"].items():
+                if set(fields) != names:
+                    return {}
+                values = {k: _tuples(v) for k, v in fields.items()}
+                if values["pixel_layout"] is not None:
+                    values["pixel_layout"] = PixelLayout(**values["pixel_layout"])
+                headers[digest] = SliceHeader(path="", digest=digest, **values)
+        except Exception as exc:
+            logger.warning(
+                "header cache %s is unreadable (%s); parsing every file again",
+                path.name,
+                type(exc).__name__,
+            )
+            return {}
+        self._headers_loaded = frozenset(headers)
+        return headers
+
+    def store_headers(self, headers: Sequence[SliceHeader]) -> None:
+        """Keep the headers of this run (only these: files gone since are forgotten)."""
+        by_digest = {h.digest: h for h in headers}
+        if frozenset(by_digest) == self._headers_loaded:
+            return
+        document = {
+            "version": CACHE_VERSION,
+            "headers": {
+                digest: {
+                    k: v for k, v in dataclasses.asdict(header).items() if k not in _PER_FILE_FIELDS
+                }
+                for digest, header in sorted(by_digest.items())
+            },
+        }
+        try:
+            self._write_atomically(
+                HEADER_CACHE_NAME, lambda handle: handle.write(json.dumps(document).encode())
+            )
+        except OSError as exc:
+            logger.warning(
+                "could not write the header cache (%s); files will be parsed again next run",
+                type(exc).__name__,
+            )
+            return
+        self._headers_loaded = frozenset(by_digest)
+
+    def _write_atomically(self, name: str, write) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+            os.replace(tmp_name, self.directory / name)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
 
     def load(self, cache_key: str, key: str) -> LabelledVolume | None:
-        path = self.directory / f"{cache_key}.npz"
+        path = self.directory / f"{cache_key}{VOLUME_SUFFIX}"
         if not path.exists():
             return None
         try:
-            with np.load(path, allow_pickle=False) as stored:
-                if str(stored["version"]) != CACHE_VERSION:
-                    return None
-                volume = _frozen_volume(
-                    key,
-                    stored["image_hu"],
-                    stored["label"],
-                    stored["spacing_mm"].tolist(),
-                    stored["orientation"].tolist(),
-                    stored["origin_mm"].tolist(),
+            with path.open("rb") as handle:
+                version, image, label, geometry = (
+                    np.load(handle, allow_pickle=False) for _ in range(4)
                 )
+            if str(version) != CACHE_VERSION:
+                return None
+            volume = _frozen_volume(
+                key, image, label, geometry[:3].tolist(), geometry[3:9].tolist(), geometry[9:]
+            )
         except Exception as exc:
             logger.warning(
                 "cache file %s for series %s is unreadable (%s); decoding again",
@@ -648,26 +930,37 @@ class _VolumeCache:
         return volume
 
     def store(self, cache_key: str, volume: LabelledVolume) -> None:
-        fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".npz.tmp")
+        # Whole HU that fit int16 (the usual CT case) are stored as such: half the bytes.
+        as_int16 = volume.image_hu.astype(np.int16)
+        exact = np.array_equal(as_int16, volume.image_hu)
+        records = (
+            np.array(CACHE_VERSION),
+            as_int16 if exact else volume.image_hu,
+            volume.label,
+            np.array([*volume.spacing_mm, *volume.orientation, *volume.origin_mm]),
+        )
+
+        def write(handle) -> None:
+            for record in records:
+                np.save(handle, record, allow_pickle=False)
+
         try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(
-                    handle,
-                    version=np.array(CACHE_VERSION),
-                    image_hu=volume.image_hu,
-                    label=volume.label,
-                    spacing_mm=np.array(volume.spacing_mm),
-                    orientation=np.array(volume.orientation),
-                    origin_mm=np.array(volume.origin_mm),
-                )
-            os.replace(tmp_name, self.directory / f"{cache_key}.npz")
+            self._write_atomically(f"{cache_key}{VOLUME_SUFFIX}", write)
         except OSError as exc:
-            Path(tmp_name).unlink(missing_ok=True)
             logger.warning(
                 "could not write the cache for series %s (%s); it will be decoded again next run",
                 volume.series_key,
                 type(exc).__name__,
             )
+
+
+def _tuples(value: object) -> object:
+    """JSON lists back to the tuples `SliceHeader` holds, at any depth."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
 
 
 # --- patients ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -41,13 +41,22 @@ class QuarantineEntry:
 
     ``path`` is POSIX and relative to the data root: a file, or the folder holding a series' files
     (their common parent; ``"."`` for the root itself). ``detail`` says what is wrong and what to
-    do, without patient data. ``series_key`` names the series concerned, if any.
+    do, without patient data. ``series_key`` names the series concerned, if any. ``files`` lists
+    the files (relative POSIX paths) an entry about a series or folder covers; it is kept in
+    memory only (not written to ``quarantine.json``, not compared) and is empty for an entry about
+    one file, whose ``path`` is that file.
     """
 
     path: str
     reason: QuarantineReason
     detail: str
     series_key: str | None = None
+    files: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def covered_files(self) -> tuple[str, ...]:
+        """Every file this entry sets aside: ``files``, or ``(path,)`` for a one-file entry."""
+        return self.files or (self.path,)
 
     def sort_key(self) -> tuple[str, str, str, str]:
         return (self.path, self.reason.value, self.series_key or "", self.detail)

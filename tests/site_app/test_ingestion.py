@@ -16,12 +16,14 @@ from pydicom.uid import EnhancedCTImageStorage, generate_uid
 from rich.console import Console
 
 from site_app.data_summary import summarize, summary_table
+from site_app.dicom_series import SeriesProblem, read_header
 from site_app.ingestion import (
     IngestionResult,
     LabelledVolume,
     NoDicomFoundError,
     ingest_site,
     series_key,
+    stored_pixels,
 )
 from site_app.quarantine import QuarantineReason, read_quarantine, write_quarantine
 from tests.site_app.dicom_factory import (
@@ -48,6 +50,14 @@ def assert_ingested(result: IngestionResult, series: WrittenSeries, mask: np.nda
     np.testing.assert_array_equal(volume.image_hu, series.expected_hu)
     np.testing.assert_array_equal(volume.label, mask)
     assert volume.spacing_mm == pytest.approx(series.spacing)
+
+
+def assert_every_file_accounted_for(result: IngestionResult, root: Path) -> None:
+    """Each file under ``root`` is used or set aside by a quarantine entry, and nothing else."""
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    quarantined = set().union(*(e.covered_files for e in result.quarantine))
+    assert set(result.used_files) | quarantined == files
+    assert not set(result.used_files) & quarantined
 
 
 def files_and_times(root: Path) -> dict[str, int]:
@@ -245,8 +255,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path, WrittenSeries], None], set[Quarantin
         label_on_rejected_series,
         {R.MISSING_SLICES, R.LABEL_WITHOUT_SERIES},
     ),
-    "SEG of other size": (label_other_size, {R.LABEL_SIZE_MISMATCH}),
-    "SEG of more slices": (label_on_more_slices, {R.LABEL_SIZE_MISMATCH}),
+    "SEG of other size": (label_other_size, {R.LABEL_SIZE_MISMATCH, R.UNLABELLED_SERIES}),
+    "SEG of more slices": (label_on_more_slices, {R.LABEL_SIZE_MISMATCH, R.UNLABELLED_SERIES}),
     "no SEG": (unlabelled, {R.UNLABELLED_SERIES}),
 }
 
@@ -263,6 +273,7 @@ def test_bad_input_is_quarantined_and_loses_nothing(tmp_path, make_bad, reasons)
     assert all(e.detail and not e.path.startswith("/") for e in result.quarantine)
     assert result.series_usable == 1
     assert_ingested(result, good, default_mask(good))
+    assert_every_file_accounted_for(result, root)
 
 
 def test_every_reason_is_covered_by_the_table():
@@ -274,6 +285,20 @@ def test_enhanced_ct_is_named_in_the_detail(tmp_path):
     enhanced_ct(tmp_path / "data", None)
     (entry,) = ingest_site(tmp_path / "data").quarantine
     assert entry.reason is R.UNSUPPORTED_MODALITY and "Enhanced CT" in entry.detail
+
+
+def test_a_rescale_that_is_not_a_number_names_the_file(tmp_path):
+    series = write_ct_series(tmp_path / "data" / "ct", slope=3.25)
+    write_seg(tmp_path / "data" / "seg.dcm", series)
+    data = series.files[4].read_bytes()
+    assert data.count(b"3.25") == 1
+    series.files[4].write_bytes(data.replace(b"3.25", b"3x25"))  # RescaleSlope, as written
+
+    entries = {e.reason: e for e in ingest_site(tmp_path / "data").quarantine}
+
+    assert set(entries) == {R.UNDECODABLE_PIXELS, R.LABEL_WITHOUT_SERIES}
+    detail = entries[R.UNDECODABLE_PIXELS].detail
+    assert "RescaleSlope or RescaleIntercept of ct/slice_004.dcm is not a number" in detail
 
 
 def test_a_gap_names_the_series_and_the_missing_slices(tmp_path):
@@ -314,7 +339,7 @@ def test_a_second_run_reads_the_cache_and_a_changed_file_is_decoded_again(tmp_pa
     assert (first.cache_hits, second.cache_hits) == (0, 2)
     assert second.patients == first.patients
     assert second.quarantine == first.quarantine
-    assert len(list(cache.glob("*.npz"))) == 2
+    assert len(list(cache.glob("*.npy"))) == 2
     assert not list(cache.glob("*.tmp"))
 
     ds = pydicom.dcmread(good.files[3])
@@ -333,11 +358,77 @@ def test_a_second_run_reads_the_cache_and_a_changed_file_is_decoded_again(tmp_pa
     )
 
 
+@pytest.mark.parametrize("slope", [1.0, 0.37], ids=["whole HU", "fractional HU"])
+def test_the_cache_gives_back_exactly_what_was_decoded(tmp_path, slope):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    good, _ = write_labelled_series(root, slope=slope, intercept=-1024.5 if slope != 1 else -1024)
+
+    first = ingest_site(root, cache_dir=cache)
+    second = ingest_site(root, cache_dir=cache)
+
+    assert second.cache_hits == 1
+    assert second.patients == first.patients
+    assert_ingested(second, good, default_mask(good))
+
+
+def test_a_second_run_parses_no_unchanged_file_and_a_changed_one_again(tmp_path, monkeypatch):
+    """Headers are cached by content hash: a rerun reads and hashes every file but parses only
+    the ones whose bytes changed."""
+    import site_app.dicom_series as dicom_series
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    good, _ = write_labelled_series(root / "a")
+    missing_slices(root, good)
+    first = ingest_site(root, cache_dir=cache)
+    parsed = []
+    real_dcmread = dicom_series.dcmread
+    monkeypatch.setattr(
+        dicom_series, "dcmread", lambda source, **kw: parsed.append(1) or real_dcmread(source, **kw)
+    )
+
+    second = ingest_site(root, cache_dir=cache)
+    assert parsed == []
+    assert (second.patients, second.quarantine) == (first.patients, first.quarantine)
+
+    ds = pydicom.dcmread(good.files[0])
+    ds.SliceThickness = 2.5001
+    ds.save_as(good.files[0])
+    third = ingest_site(root, cache_dir=cache)
+    assert len(parsed) == 1
+    assert third.cache_hits == 0 and third.series_usable == 1
+
+
+def test_an_unreadable_header_cache_means_parsing_again(tmp_path):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    write_labelled_series(root)
+    first = ingest_site(root, cache_dir=cache)
+    (cache / "headers.json").write_text('{"version": "fedseg-ingest-v2", "headers": {"x": 1}}')
+
+    again = ingest_site(root, cache_dir=cache)
+
+    assert (again.patients, again.quarantine) == (first.patients, first.quarantine)
+    assert '"x"' not in (cache / "headers.json").read_text()  # rewritten from this run
+
+
+def test_a_file_rewritten_after_its_header_was_read_is_not_decoded(tmp_path):
+    root = tmp_path / "data"
+    good = write_ct_series(root)
+    header = read_header(good.files[2], root)
+    ds = pydicom.dcmread(good.files[2])
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(good.files[2])
+
+    problem = stored_pixels(good.files[2], header)
+
+    assert isinstance(problem, SeriesProblem) and problem.reason is R.TRUNCATED
+    assert "changed while fedseg was reading" in problem.detail
+
+
 def test_an_unreadable_cache_file_is_decoded_again(tmp_path):
     root, cache = tmp_path / "data", tmp_path / "cache"
     good, _ = write_labelled_series(root)
     ingest_site(root, cache_dir=cache)
-    (cache_file,) = cache.glob("*.npz")
+    (cache_file,) = cache.glob("*.npy")
     cache_file.write_bytes(b"not a zip")
 
     result = ingest_site(root, cache_dir=cache)
