@@ -77,12 +77,14 @@ def initial_weights(spec: ModelSpec, seed: int | None) -> dict[str, np.ndarray]:
 
 
 def state_to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """A torch state dict as numpy arrays, dropping only a *leading* Opacus '_module.' prefix."""
+    """A torch state dict as C-ordered numpy arrays (whatever the tensors' memory format),
+    dropping only a *leading* Opacus '_module.' prefix."""
     prefix = "_module."
-    return {
-        (key[len(prefix) :] if key.startswith(prefix) else key): value.detach().cpu().numpy()
-        for key, value in state.items()
-    }
+    arrays = {}
+    for key, value in state.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        arrays[name] = value.detach().cpu().contiguous().numpy()
+    return arrays
 
 
 def numpy_to_state(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

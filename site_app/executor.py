@@ -19,6 +19,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from jobs import keys
 from jobs.spec import parse_spec
+from jobs.transfer import pack_weights, unpack_weights, weight_layout
 from site_app.local_job import LocalJob
 from site_app.policy import SiteRefusal
 from site_app.site_config import SITE_CONFIG_FILE, load_site_config
@@ -78,15 +79,20 @@ class SiteTrainer(Executor):
         try:
             job = self._local_job(fl_ctx)
             incoming = FLModelUtils.from_shareable(shareable)
+            incoming.params = unpack_weights(incoming.params, weight_layout(self._job_spec.model))
             round_index = int(incoming.meta.get(keys.ROUND, incoming.current_round or 0))
             if task_name == keys.TASK_VALIDATE:
-                meta = job.validate(incoming.params)
+                # Subgroups only for the global model: another site's local model (cross-site
+                # evaluation) gets site-level metrics only.
+                owner = incoming.meta.get(keys.MODEL_OWNER, keys.GLOBAL_MODEL)
+                meta = job.validate(incoming.params, subgroups=owner == keys.GLOBAL_MODEL)
+                meta[keys.MODEL_OWNER] = owner
                 meta[keys.EPSILON] = job.epsilon()
                 outgoing = FLModel(params={}, params_type=ParamsType.FULL, meta=meta)
             else:
                 weights, meta = job.train_round(incoming.params, round_index)
                 outgoing = FLModel(
-                    params=weights,
+                    params=pack_weights(weights, self._job_spec.federation.transfer_dtype),
                     params_type=ParamsType.FULL,
                     meta=meta,
                     current_round=round_index,

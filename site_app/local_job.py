@@ -20,6 +20,7 @@ from jobs import keys
 from jobs.model import build_network, numpy_to_state, state_to_numpy
 from jobs.spec import JobSpec, Optimizer
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
+from site_app.evaluation import evaluate_patients, summarize
 from site_app.ingestion import ingest_site
 from site_app.ledger import EpsilonLedger, LedgerTampered, generate_site_key
 from site_app.policy import SiteRefusal, job_policy_problems
@@ -33,7 +34,15 @@ from site_app.privacy import (
 )
 from site_app.quarantine import write_quarantine
 from site_app.site_config import SiteConfig
-from site_app.training import dice_on_patients, make_loss, train_epochs
+from site_app.subgroups import patient_groups, subgroup_cells
+from site_app.training import (
+    OnDevice,
+    apply_placement,
+    device_placement,
+    make_loss,
+    sites_sharing_device,
+    train_epochs,
+)
 
 __all__ = ["LocalJob", "SiteDataError"]
 
@@ -88,7 +97,7 @@ class LocalJob:
         self.config = config
         self.state_dir = state_dir
         self.simulation = simulation
-        problems = job_policy_problems(spec, config.policy, simulation=simulation)
+        problems = job_policy_problems(spec, config.policy)
         if problems:  # refused before a single file of patient data is read
             raise SiteRefusal(f"site {site} refuses job {spec.name}: " + "; ".join(problems))
         self.ledger = self._open_ledger() if spec.privacy.enabled else None
@@ -106,6 +115,8 @@ class LocalJob:
             len(ingested.quarantine),
         )
         patients = prepare_patients(ingested.patients, spec.data)
+        # Subgroup labels (sex, age band, vendor, thickness band) stay here, keyed locally.
+        self._groups = {record.patient_key: patient_groups(record) for record in ingested.patients}
         self.train_patients, self.val_patients = split_patients(
             patients, val_fraction=spec.data.val_fraction, seed=spec.training.seed
         )
@@ -131,12 +142,12 @@ class LocalJob:
         seed = self.spec.training.seed
         return None if seed is None else _derived_seed(seed, self.site, purpose)
 
-    def _generator(self, purpose: str, *, secret: bool) -> torch.Generator:
+    def _generator(self, purpose: str, *, secret: bool, device="cpu") -> torch.Generator:
         seed = self._seed_for(purpose)
         # DP's randomness (who is sampled, the noise) is seeded only in simulation.
         if seed is None or (secret and not self.simulation):
-            return unseeded_generator()
-        return torch.Generator().manual_seed(seed)
+            return unseeded_generator(device)
+        return torch.Generator(device=device).manual_seed(seed)
 
     def _build_training(self) -> None:
         training = self.spec.training
@@ -150,12 +161,22 @@ class LocalJob:
             seed=crop_seed,
         )
         dp = self.spec.privacy.enabled
+        # Every site on the one GPU when there is one, with a bounded share of its memory.
+        self.placement = device_placement(
+            cuda_available=torch.cuda.is_available(), sites_sharing=sites_sharing_device()
+        )
+        self.device = apply_placement(self.placement, deterministic=self.simulation)
         self.generators = _Generators(
             sampler=self._generator("sampler", secret=dp),
-            noise=self._generator("noise", secret=dp),
+            noise=self._generator("noise", secret=dp, device=self.device),
         )
-        # CPU only for now: GPU placement (batches, volumes, noise generator) is not built yet.
-        self.network = build_network(self.spec.model)
+        # The network, batches and noise live on self.device (train_epochs moves batches).
+        self.network = build_network(self.spec.model).to(
+            self.device,
+            memory_format=(
+                torch.channels_last_3d if self.placement.channels_last else torch.preserve_format
+            ),
+        )
         if training.optimizer == Optimizer.ADAM:
             optimizer = torch.optim.Adam(self.network.parameters(), lr=training.lr)
         else:
@@ -249,11 +270,25 @@ class LocalJob:
     def _load_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.network.load_state_dict(numpy_to_state(weights))
 
-    def validate(self, weights: dict[str, np.ndarray]) -> dict:
-        """Dice of ``weights`` on this site's held-out patients, as task metadata."""
+    def validate(self, weights: dict[str, np.ndarray], *, subgroups: bool = False) -> dict:
+        """Dice and HD95 (mm) of ``weights`` on this site's held-out patients, as task metadata.
+
+        With ``subgroups``, also the subgroup cells (``keys.SUBGROUPS``); cells smaller than the
+        job's ``evaluation.min_subgroup_size`` are dropped here and never sent.
+        """
         self._load_weights(weights)
-        dice = dice_on_patients(self.network, self.val_patients, roi_size=self.spec.model.roi_size)
-        return {keys.VAL_DICE: dice, keys.VAL_PATIENTS: len(self.val_patients)}
+        evaluations = evaluate_patients(
+            OnDevice(self.network),  # volumes stay on the CPU; windows go to the device
+            self.val_patients,
+            roi_size=self.spec.model.roi_size,
+            spacing_mm=self.spec.data.target_spacing_mm,
+        )
+        meta = summarize(evaluations)
+        if subgroups:
+            meta[keys.SUBGROUPS] = subgroup_cells(
+                evaluations, self._groups, min_cell_size=self.spec.evaluation.min_subgroup_size
+            )
+        return meta
 
     def _budget_left(self) -> float | None:
         """The site's total budget minus every job's spend so far; None without a budget."""
@@ -308,6 +343,11 @@ class LocalJob:
         started = time.perf_counter()
         meta = self.validate(weights)
         meta.update({keys.NUM_PATIENTS: len(self.train_patients), keys.DELTA: None})
+        # Other sites may evaluate this update (cross-site) only if it is a DP release or the
+        # site's policy does not require DP; the server never forwards it otherwise.
+        meta[keys.LOCAL_MODEL_SHAREABLE] = (
+            self.spec.privacy.enabled or not self.config.policy.dp_required
+        )
         if self.dp_settings is not None:
             meta[keys.DELTA] = self.dp_settings.delta
             meta[keys.NOISE_MULTIPLIER] = self.dp_settings.noise_multiplier

@@ -39,9 +39,7 @@ def test_jobs_that_break_the_policy_are_refused_with_the_reason(spec, policy, ex
 
 def test_a_compliant_job_passes():
     spec = tiny_spec(training={"seed": None}, privacy={"noise_multiplier": 1.0})
-    assert (
-        job_policy_problems(spec, PrivacyPolicy(min_noise_multiplier=0.8)) == []
-    )
+    assert job_policy_problems(spec, PrivacyPolicy(min_noise_multiplier=0.8)) == []
 
 
 def test_the_site_refuses_before_touching_any_data(tmp_path):
