@@ -1,4 +1,6 @@
-"""The FLARE server workflow: FedAvg rounds in a fixed order, min_clients, models saved each round.
+"""The FLARE server workflow: FedAvg rounds in a fixed order, min_clients, models saved each round,
+then evaluation: the final global model and every site's last local model at every site
+(cross-site), and the final model saved with a signed manifest.
 
 Results are collected for the whole round and summed in sorted site order (``fed_avg``), unlike
 FLARE's built-in FedAvg which adds them as they arrive, so seeded runs are bit-reproducible.
@@ -18,18 +20,34 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from jobs import keys
 from jobs.model import initial_weights, numpy_to_state
 from jobs.spec import parse_spec
+from jobs.transfer import pack_weights, unpack_weights, weight_layout
 from server_app.aggregation import SiteUpdate, fed_avg
-from server_app.history import RunHistory, SiteRound, write_history
+from server_app.history import CrossSiteResult, RunHistory, SiteRound, write_history
+from server_app.model_manifest import (
+    load_provisioned_signer,
+    simulation_signer,
+    write_signed_manifest,
+)
 
-__all__ = ["OUTPUT_FOLDER", "FedSegController"]
+__all__ = ["FINAL_MODEL", "OUTPUT_FOLDER", "FedSegController"]
 
 OUTPUT_FOLDER = "fedseg"
 """Folder in the server's run directory holding history.json, progress.jsonl and the models."""
+FINAL_MODEL = "final_model.pt"
+"""Saved with ``final_model.manifest.json`` and ``final_model.manifest.sig`` beside it."""
 
 
 def _mean_dice(records: list[SiteRound]) -> float | None:
     values = [r.val_dice for r in records if r.val_dice is not None and not math.isnan(r.val_dice)]
     return float(np.mean(values)) if values else None
+
+
+def _last_epsilon(history: RunHistory) -> dict[str, float | None]:
+    epsilon: dict[str, float | None] = {site: None for site in history.sites}
+    for record in sorted(history.rounds, key=lambda r: r.round):
+        if record.epsilon is not None:
+            epsilon[record.site] = record.epsilon
+    return epsilon
 
 
 class FedSegController(ModelController):
@@ -66,7 +84,8 @@ class FedSegController(ModelController):
             record = SiteRound.from_meta(site, round_index, result.meta, phase)
             records.append(record)
             if record.refused is None and result.params:
-                updates.append(SiteUpdate(site, result.params, int(record.num_patients)))
+                weights = unpack_weights(result.params, weight_layout(self._job_spec.model))
+                updates.append(SiteUpdate(site, weights, int(record.num_patients)))
         records += [
             SiteRound.absent(site, round_index, phase) for site in sites if site not in responded
         ]
@@ -75,22 +94,100 @@ class FedSegController(ModelController):
             self._progress(record)
         return records, updates
 
+    def _cross_site(
+        self, local_models: dict[str, tuple[int, dict]], sites: list[str], final_index: int
+    ) -> list[CrossSiteResult]:
+        """Each site's last local model, sent as a ``validate`` task to every site."""
+        matrix = []
+        for owner in sorted(local_models):
+            model_round, weights = local_models[owner]
+            self.info(f"cross-site evaluation: {owner}'s local model at {sites}")
+            results = self.send_model_and_wait(
+                task_name=keys.TASK_VALIDATE,
+                data=FLModel(
+                    params=pack_weights(weights),
+                    params_type=ParamsType.FULL,
+                    meta={keys.ROUND: final_index, keys.MODEL_OWNER: owner},
+                ),
+                timeout=self._job_spec.federation.round_timeout_s,
+            )
+            by_site = {result.meta.get("client_name"): result.meta for result in results}
+            for site in sites:
+                meta = by_site.get(site)
+                matrix.append(
+                    CrossSiteResult(
+                        model=owner,
+                        model_round=model_round,
+                        site=site,
+                        val_dice=None if meta is None else meta.get(keys.VAL_DICE),
+                        val_hd95_mm=None if meta is None else meta.get(keys.VAL_HD95_MM),
+                        val_hd95_missing=None if meta is None else meta.get(keys.VAL_HD95_MISSING),
+                        val_lesion_volumes=(
+                            None if meta is None else meta.get(keys.VAL_LESION_VOLUMES)
+                        ),
+                        val_patients=None if meta is None else meta.get(keys.VAL_PATIENTS),
+                        refused=None if meta is None else meta.get(keys.REFUSED),
+                        missing=meta is None,
+                    )
+                )
+        return matrix
+
+    def _sign_final_model(self, history: RunHistory, contributors: set[str]) -> None:
+        """Manifest beside final_model.pt, signed with the server's provisioned key when the
+        startup kit has one, else (simulator) with a throwaway key marked "simulation"."""
+        startup = Path(self.engine.get_workspace().get_startup_kit_dir())
+        signer = load_provisioned_signer(startup)
+        if signer is None:
+            self.warning(
+                f"no server.key/server.crt in {startup}: the final model is signed with a "
+                "throwaway simulation key (integrity only, no provisioned identity)"
+            )
+            signer = simulation_signer()
+        epsilon = _last_epsilon(history)
+        write_signed_manifest(
+            self._output_dir() / FINAL_MODEL,
+            spec=self._spec,
+            contributing_sites=sorted(contributors),
+            epsilon_per_site={site: epsilon[site] for site in sorted(contributors)},
+            rounds_completed=history.rounds_completed,
+            signer=signer,
+        )
+
+    def _answer_status_requests(self, history: RunHistory) -> None:
+        """``fedseg job status`` asks a running job through FLARE's app command; the answer is
+        the history so far (site names, rounds, metrics, epsilon, refusals: no patient data)."""
+
+        def status(topic: str, data, fl_ctx) -> dict:
+            return history.to_json()
+
+        try:
+            self.engine.register_app_command(keys.STATUS_COMMAND, status)
+        except (AttributeError, RuntimeError) as error:  # e.g. the simulator's engine
+            self.info(f"live status command not available: {error}")
+
     def run(self) -> None:
         spec = self._job_spec
         sites = sorted(client.name for client in self.engine.get_clients())
         rounds = spec.training.rounds
-        history = RunHistory(job_name=spec.name, sites=sites, rounds_planned=rounds)
+        history = RunHistory(
+            job_name=spec.name, sites=sites, rounds_planned=rounds, spec=self._spec
+        )
         history_path = self._output_dir() / "history.json"
+        self._answer_status_requests(history)
         weights = initial_weights(spec.model, spec.training.seed)
         self._save_model(weights, "global_model_round_0.pt")
         mean_dice_by_model: dict[int, float] = {}
+        # Each site's last aggregated local model (round, weights), kept for cross-site
+        # evaluation only when the site allowed it (keys.LOCAL_MODEL_SHAREABLE).
+        local_models: dict[str, tuple[int, dict]] = {}
+        contributors: set[str] = set()
 
         for round_index in range(rounds):
             self.info(f"round {round_index + 1}/{rounds}: sending the global model to {sites}")
             results = self.send_model_and_wait(
                 task_name=keys.TASK_TRAIN,
                 data=FLModel(
-                    params=weights,
+                    params=pack_weights(weights),
                     params_type=ParamsType.FULL,
                     current_round=round_index,
                     total_rounds=rounds,
@@ -113,6 +210,21 @@ class FedSegController(ModelController):
                 write_history(history, history_path)
                 break
             weights = fed_avg(updates)
+            shareable = {
+                r.meta.get("client_name"): r.meta.get(keys.LOCAL_MODEL_SHAREABLE) for r in results
+            }
+            for update in updates:
+                contributors.add(update.site)
+                if shareable.get(update.site):
+                    local_models[update.site] = (round_index, dict(update.weights))
+                    history.cross_site_not_shared.pop(update.site, None)
+                else:
+                    local_models.pop(update.site, None)
+                    history.cross_site_not_shared[update.site] = (
+                        "the site did not allow its local model to be sent to other sites "
+                        "(a site allows it for DP-trained models, or for any model when its "
+                        "policy does not require DP)"
+                    )
             history.rounds_completed = round_index + 1
             self._save_model(weights, f"global_model_round_{round_index + 1}.pt")
             write_history(history, history_path)
@@ -121,7 +233,9 @@ class FedSegController(ModelController):
         results = self.send_model_and_wait(
             task_name=keys.TASK_VALIDATE,
             data=FLModel(
-                params=weights, params_type=ParamsType.FULL, meta={keys.ROUND: final_index}
+                params=pack_weights(weights),
+                params_type=ParamsType.FULL,
+                meta={keys.ROUND: final_index, keys.MODEL_OWNER: keys.GLOBAL_MODEL},
             ),
             timeout=spec.federation.round_timeout_s,
         )
@@ -129,10 +243,14 @@ class FedSegController(ModelController):
         final_dice = _mean_dice(history.final)
         if final_dice is not None:
             mean_dice_by_model[final_index] = final_dice
+        write_history(history, history_path)
+        if spec.evaluation.cross_site:
+            history.cross_site = self._cross_site(local_models, sites, final_index)
         if mean_dice_by_model:
             history.best_round = max(mean_dice_by_model, key=lambda k: (mean_dice_by_model[k], k))
             best = self._output_dir() / f"global_model_round_{history.best_round}.pt"
             (self._output_dir() / "best_model.pt").write_bytes(best.read_bytes())
-        self._save_model(weights, "final_model.pt")
+        self._save_model(weights, FINAL_MODEL)
         write_history(history, history_path)
+        self._sign_final_model(history, contributors)
         self.info(f"finished: {history.rounds_completed}/{rounds} rounds")

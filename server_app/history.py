@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jobs import keys
 
-__all__ = ["RunHistory", "SiteRound", "read_history", "write_history"]
+__all__ = ["CrossSiteResult", "RunHistory", "SiteRound", "read_history", "write_history"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,15 @@ class SiteRound:
     """The site's total epsilon budget left after this round (only if its policy sets one)."""
     phase: str = "train"
     """"train" for a training round, "final" for the validation of the final global model."""
+    val_hd95_mm: float | None = None
+    """Mean 95th-percentile Hausdorff distance (mm) over held-out volumes where it is defined."""
+    val_hd95_missing: int | None = None
+    """Held-out lesion volumes with an empty prediction: HD95 undefined, not averaged in."""
+    val_lesion_volumes: int | None = None
+    """Held-out volumes with a lesion: the volumes Dice is the mean over."""
+    subgroups: list[dict] | None = None
+    """Final phase only: the site's subgroup cells (``jobs.keys.CELL_*``); small cells never
+    arrive (the site drops them)."""
 
     @classmethod
     def from_meta(cls, site: str, round_index: int, meta: dict, phase: str = "train") -> SiteRound:
@@ -51,6 +60,10 @@ class SiteRound:
             elapsed_s=meta.get(keys.ELAPSED_S),
             budget_left=meta.get(keys.BUDGET_LEFT),
             phase=phase,
+            val_hd95_mm=meta.get(keys.VAL_HD95_MM),
+            val_hd95_missing=meta.get(keys.VAL_HD95_MISSING),
+            val_lesion_volumes=meta.get(keys.VAL_LESION_VOLUMES),
+            subgroups=meta.get(keys.SUBGROUPS),
         )
 
     @classmethod
@@ -58,6 +71,26 @@ class SiteRound:
         return cls(
             site, round_index, None, None, None, None, None, None, None, missing=True, phase=phase
         )
+
+
+@dataclass(frozen=True)
+class CrossSiteResult:
+    """One cell of the cross-site matrix: ``model`` evaluated on ``site``'s held-out patients.
+
+    ``model`` is ``jobs.keys.GLOBAL_MODEL`` for the final global model, else the site whose last
+    local model (sent after round ``model_round``, 0-based) was evaluated.
+    """
+
+    model: str
+    model_round: int | None
+    site: str
+    val_dice: float | None
+    val_hd95_mm: float | None
+    val_hd95_missing: int | None
+    val_lesion_volumes: int | None
+    val_patients: int | None
+    refused: str | None = None
+    missing: bool = False
 
 
 @dataclass
@@ -72,6 +105,13 @@ class RunHistory:
     best_round: int | None = None
     """Index of the global model with the best mean validation Dice (0 = untrained start)."""
     stopped_reason: str | None = None
+    cross_site: list[CrossSiteResult] = field(default_factory=list)
+    """Every site's last local model (and the final global model) on every site's held-out
+    patients."""
+    cross_site_not_shared: dict[str, str] = field(default_factory=dict)
+    """Sites whose local model was not sent to other sites, with the reason."""
+    spec: dict | None = None
+    """The job spec as plain data, so a report can be rebuilt from this file alone."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -81,6 +121,7 @@ class RunHistory:
         data = dict(data)
         data["rounds"] = [SiteRound(**item) for item in data["rounds"]]
         data["final"] = [SiteRound(**item) for item in data["final"]]
+        data["cross_site"] = [CrossSiteResult(**item) for item in data.get("cross_site", [])]
         return cls(**data)
 
 
