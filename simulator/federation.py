@@ -2,6 +2,7 @@
 
 Each site is a FLARE ``simulator_worker`` process reading its own DICOM folder; the server runs
 fedseg's controller. Progress is read from the server's progress file while the run goes on.
+TensorBoard event files of the server and the sites are gathered under ``<out>/tensorboard/``.
 """
 
 from __future__ import annotations
@@ -24,16 +25,20 @@ from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIS
 from nvflare.fuel.utils.log_utils import default_log_dict
 from nvflare.recipe import SimEnv
 
-from jobs.flare_job import APP_PACKAGES, FedSegRecipe
+from jobs.flare_job import APP_PACKAGES, TB_FOLDER, FedSegRecipe
 from jobs.spec import JobSpec
 from server_app.controller import OUTPUT_FOLDER
 from server_app.history import RunHistory, SiteRound, read_history
+from site_app.training import SITES_SHARING_DEVICE_ENV
 
 __all__ = ["SimulationError", "SimulationResult", "discover_sites", "run_simulation"]
 
 log = logging.getLogger(__name__)
 
 SIMULATOR_JOB_ID = "simulate_job"  # FLARE's simulator always names the job run folder this
+TASK_REQUEST_INTERVAL_S = 0.5
+"""Seconds a site process waits after each task, and between asks while the server has no task
+for it yet (FLARE's default is 2 s; on loopback asking is cheap). Simulation only."""
 _SITE_FOLDER = re.compile(r"^site-(\d+)$")
 
 
@@ -71,6 +76,7 @@ def _write_site_configs(
     sites: list[str],
     threads_per_site: int,
     site_policies: dict[str, dict],
+    cache_dir: Path,
 ) -> dict[str, Path]:
     config_dir = out_dir / "site_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +86,7 @@ def _write_site_configs(
         config = {
             "data_dir": str((data_dir / site).resolve()),
             # Decoded volumes are kept across runs: re-running a job skips DICOM decoding.
-            "cache_dir": str((out_dir / "cache" / site).resolve()),
+            "cache_dir": str((cache_dir / site).resolve()),
             "num_threads": threads_per_site,
             # Simulated sites are the researcher's own: non-DP baselines are allowed here.
             # A hospital's own config keeps the default, DP required.
@@ -131,6 +137,47 @@ def _tail_progress(
         stop.wait(0.5)
 
 
+def _collect_tensorboard(workspace: Path, sites: list[str], out: Path) -> None:
+    """Copy the run's event files to ``out``: ``server/<site>`` (what the server received via
+    FLARE's tracking) and ``sites/<site>`` (each site's own files)."""
+    if out.exists():
+        shutil.rmtree(out)
+    sources = {out / "server": workspace / "server" / SIMULATOR_JOB_ID / TB_FOLDER}
+    for site in sites:
+        sources[out / "sites" / site] = workspace / site / SIMULATOR_JOB_ID / TB_FOLDER / site
+    for target, source in sources.items():
+        if source.is_dir():
+            shutil.copytree(source, target)
+
+
+def _write_federation_scalars(history: RunHistory, log_dir: Path) -> None:
+    """The federation's own TensorBoard run, from the server's history (step = rounds done).
+
+    ``federation/mean_val_dice``: mean over sites of the Dice of the global model after k
+    rounds; ``federation/site_updates``: updates aggregated in round k; ``federation/
+    max_epsilon``: the largest epsilon any site reported after round k.
+    """
+    from nvflare.app_opt.tracking.tb.tb_event_writer import TensorBoardEventWriter
+
+    by_model: dict[int, list[float]] = {}
+    for record in [*history.rounds, *history.final]:
+        if record.val_dice is not None and not record.missing:
+            by_model.setdefault(record.round, []).append(record.val_dice)
+    writer = TensorBoardEventWriter(log_dir=str(log_dir))
+    try:
+        for step, values in sorted(by_model.items()):
+            writer.add_scalar("federation/mean_val_dice", sum(values) / len(values), step)
+        for round_index in range(history.rounds_completed):
+            records = [r for r in history.rounds if r.round == round_index]
+            updates = sum(1 for r in records if not r.refused and not r.missing)
+            writer.add_scalar("federation/site_updates", updates, round_index + 1)
+            epsilons = [r.epsilon for r in records if r.epsilon is not None]
+            if epsilons:
+                writer.add_scalar("federation/max_epsilon", max(epsilons), round_index + 1)
+    finally:
+        writer.close()
+
+
 def run_simulation(
     spec: JobSpec,
     *,
@@ -139,6 +186,7 @@ def run_simulation(
     threads: int | None = None,
     on_record: Callable[[SiteRound], None] | None = None,
     site_policies: dict[str, dict] | None = None,
+    cache_dir: Path | None = None,
 ) -> SimulationResult:
     """Run ``spec`` over every site folder in ``data_dir``; results go to ``out_dir``.
 
@@ -149,6 +197,8 @@ def run_simulation(
         on_record: called with each site's per-round record as the server receives it.
         site_policies: per-site privacy policy fields (``site_app.policy.PrivacyPolicy``), e.g.
             ``{"site-2": {"max_epsilon_per_job": 8}}`` to simulate one strict hospital.
+        cache_dir: root of the per-site caches of decoded volumes (``<cache_dir>/<site>``);
+            default ``out_dir/cache``. Runs over the same data may share one.
     """
     data_dir = Path(data_dir).resolve()
     out_dir = Path(out_dir).resolve()
@@ -162,13 +212,19 @@ def run_simulation(
     if unknown:
         raise SimulationError(f"site_policies names sites that are not in {data_dir}: {unknown}")
     site_configs = _write_site_configs(
-        data_dir, out_dir, sites, threads_per_site, site_policies or {}
+        data_dir,
+        out_dir,
+        sites,
+        threads_per_site,
+        site_policies or {},
+        Path(cache_dir) if cache_dir is not None else out_dir / "cache",
     )
     workspace_root = out_dir / "flare_workspace"
     workspace = workspace_root / spec.name
     log_config = _prepare_workspace(workspace)
 
     recipe = FedSegRecipe(spec, sites=sites, site_configs=site_configs, simulation=True)
+    recipe.add_server_config({"server": {"task_request_interval": TASK_REQUEST_INTERVAL_S}})
     env = SimEnv(
         clients=sites,
         num_threads=threads,
@@ -185,6 +241,9 @@ def run_simulation(
     tail.start()
     started = time.perf_counter()
     cwd = os.getcwd()  # FLARE's simulator chdir()s into its workspace
+    # Site processes inherit it: `threads` of them share the GPU, if there is one.
+    sharing_before = os.environ.get(SITES_SHARING_DEVICE_ENV)
+    os.environ[SITES_SHARING_DEVICE_ENV] = str(threads)
     try:
         recipe.run(env)
     except Exception as error:
@@ -193,6 +252,10 @@ def run_simulation(
         ) from error
     finally:
         os.chdir(cwd)
+        if sharing_before is None:
+            os.environ.pop(SITES_SHARING_DEVICE_ENV, None)
+        else:
+            os.environ[SITES_SHARING_DEVICE_ENV] = sharing_before
         stop.set()
         tail.join()
     wall_s = time.perf_counter() - started
@@ -205,7 +268,11 @@ def run_simulation(
     history = read_history(history_path)
     models = out_dir / "models"
     models.mkdir(exist_ok=True)
-    for model in server_out.glob("*.pt"):
+    # Models with their signed manifests (final_model.manifest.json/.sig), so
+    # `fedseg model verify R/models/final_model.pt` works on the results alone.
+    for model in [*server_out.glob("*.pt"), *server_out.glob("*.manifest.*")]:
         shutil.copy2(model, models / model.name)
     shutil.copy2(history_path, out_dir / "history.json")
+    _collect_tensorboard(workspace, sites, out_dir / "tensorboard")
+    _write_federation_scalars(history, out_dir / "tensorboard" / "federation")
     return SimulationResult(history=history, out_dir=out_dir, workspace=workspace, wall_s=wall_s)
