@@ -125,10 +125,91 @@ def _simulate_run(args: argparse.Namespace) -> None:
     )
 
 
+def _simulate_compare(args: argparse.Namespace) -> None:
+    from jobs.spec import load_spec
+    from simulator.compare import (
+        CompareError,
+        comparison_table,
+        ratio_lines,
+        run_compare,
+        sweep_table,
+    )
+
+    spec = load_spec(args.spec)
+    console.print(
+        f"[bold]{spec.name}[/bold]: local-only, pooled, FedAvg and FedAvg + DP, each "
+        f"{spec.training.rounds * spec.training.local_epochs} epochs"
+        + (f"; then a sweep over epsilon {args.epsilons}" if args.epsilons else "")
+    )
+    try:
+        comparison = run_compare(
+            spec,
+            data_dir=Path(args.data),
+            out_dir=Path(args.out),
+            dp_epsilon=args.dp_epsilon,
+            epsilons=args.epsilons or (),
+            threads=args.threads,
+            console=console,
+        )
+    except CompareError as error:
+        raise _UserError(str(error)) from None
+    console.print(comparison_table(comparison))
+    for line in ratio_lines(comparison):
+        console.print(line)
+    if comparison.sweep:
+        console.print(sweep_table(comparison))
+    for note in comparison.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    out = Path(args.out)
+    console.print(f"results: {out / 'compare' / 'compare.md'}, {out / 'compare' / 'compare.json'}")
+
+
+def _epsilon_list(text: str) -> tuple[float, ...]:
+    from simulator.compare import CompareError, parse_epsilons
+
+    try:
+        return parse_epsilons(text)
+    except CompareError as error:  # argparse names the option itself
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--epsilons: ")) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 # -- site ----------------------------------------------------------------------------------------
 
 
-def _site_check(args: argparse.Namespace) -> None:
+def _site_kit_check(kit: Path) -> int:
+    from site_app.kit_check import Outcome, check_kit
+
+    colour = {Outcome.PASS: "green", Outcome.WARN: "yellow", Outcome.FAIL: "red"}
+
+    def show(result) -> None:
+        console.print(
+            f"[{colour[result.outcome]}]{result.outcome.value:>4}[/{colour[result.outcome]}] "
+            f"{result.item}: {result.detail}"
+            + (f"\n       fix: {result.fix}" if result.fix else "")
+        )
+
+    results = check_kit(kit, on_result=show)
+    failed = [r.item for r in results if r.outcome is Outcome.FAIL]
+    if failed:
+        error_console.print(f"[red]not ready[/red]: fix {', '.join(failed)}")
+        return 1
+    console.print("[green]ready[/green] to join the federation")
+    return 0
+
+
+def _site_check(args: argparse.Namespace) -> int | None:
+    if args.kit:
+        return _site_kit_check(Path(args.kit))
     from site_app.data_summary import summarize, summary_table
     from site_app.ingestion import ingest_site
     from site_app.quarantine import write_quarantine
@@ -160,6 +241,42 @@ def _site_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_import(args: argparse.Namespace) -> None:
+    from site_app.pacs_import import (
+        DicomwebSource,
+        PacsImportError,
+        StudySelection,
+        import_from_dicomweb,
+    )
+
+    try:
+        source = DicomwebSource(
+            url=args.dicomweb,
+            username=args.username,
+            password_env=args.password_env,
+            ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+            timeout_s=args.timeout,
+        )
+        selection = StudySelection(study_uids=tuple(args.study), modality=args.modality)
+        summary = import_from_dicomweb(
+            source, Path(args.out), selection=selection, limit=args.max_instances, progress=True
+        )
+    except PacsImportError as error:
+        raise _UserError(str(error)) from None
+    except KeyboardInterrupt:
+        error_console.print("files written so far are complete; run the same command to resume")
+        raise
+    console.print(
+        f"[green]imported[/green] {summary.fetched} new instance(s) from {summary.studies} "
+        f"study(ies) into {summary.out_dir} ({summary.already_present} already there; "
+        f"journal: {summary.journal})"
+    )
+    if summary.complete:
+        console.print(f"next: fedseg site check --data {summary.out_dir}")
+    else:
+        console.print(f"{summary.remaining} instance(s) left: run the same command again")
+
+
 # -- spec ----------------------------------------------------------------------------------------
 
 
@@ -174,6 +291,55 @@ def _spec_check(args: argparse.Namespace) -> None:
             f"{args.spec}: the model cannot be trained with DP:\n  " + "\n  ".join(problems)
         )
     console.print(f"[green]ok[/green] {args.spec}: job '{spec.name}' is valid")
+
+
+# -- report and model ----------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace) -> None:
+    from server_app.model_card import ModelCardError
+    from server_app.report import ReportError, final_table, rebuild_report
+
+    results = Path(args.results)
+    try:
+        report = rebuild_report(results)
+    except (ReportError, ModelCardError) as error:
+        raise _UserError(str(error)) from None
+    console.print(final_table(report))
+    files = ["report.md", "report.json", "model_card.md", *report["plots"]]
+    console.print(f"rebuilt in {results}: {', '.join(files)}")
+
+
+def _model_verify(args: argparse.Namespace) -> int:
+    from jobs.spec import load_spec
+    from server_app.model_manifest import ManifestError, verify_model
+
+    spec = load_spec(args.spec).to_plain() if args.spec else None
+    try:
+        result = verify_model(
+            Path(args.model),
+            root_ca=Path(args.root_ca) if args.root_ca else None,
+            signer_name=args.signer,
+            spec=spec,
+        )
+    except ManifestError as error:
+        raise _UserError(str(error)) from None
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", markup=True)
+    if not result.ok:
+        error_console.print(f"[red]FAILED[/red]: {args.model} does not match its signed manifest:")
+        for problem in result.problems:
+            error_console.print(f"  - {problem}", markup=False)
+        return 1
+    manifest = result.manifest
+    signer = manifest["signer"]
+    console.print(
+        f"[green]verified[/green] {args.model}: sha256 {manifest['model_sha256']}, job "
+        f"'{manifest['job']}', {manifest['rounds_completed']} round(s), sites "
+        f"{', '.join(manifest['contributing_sites']) or 'none'}, signed {manifest['created_utc']}"
+        f" by '{signer['subject']}' ({signer['kind']})"
+    )
+    return 0
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -229,10 +395,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_simulate_run)
 
+    compare = sim_commands.add_parser(
+        "compare",
+        help="local-only, pooled, FedAvg and FedAvg + DP with the same budget, in one table",
+    )
+    compare.add_argument("spec", help="job spec YAML, e.g. jobs/specs/demo.yaml")
+    compare.add_argument("--data", required=True, help="folder written by `fedseg simulate data`")
+    compare.add_argument("--out", required=True, help="results folder (compare/, sweep/)")
+    compare.add_argument(
+        "--dp-epsilon",
+        type=_positive_float,
+        default=None,
+        help="whole-job target epsilon per site for the FedAvg + DP row "
+        "(default: the spec's privacy section)",
+    )
+    compare.add_argument(
+        "--epsilons",
+        type=_epsilon_list,
+        default=None,
+        help="privacy-utility sweep: FedAvg + DP at each target, e.g. 1,4,8,inf (inf = DP off)",
+    )
+    compare.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="site processes at once in FLARE's simulator (default: one per site)",
+    )
+    compare.set_defaults(handler=_simulate_compare)
+
     site = commands.add_parser("site", help="site administration")
     site_commands = site.add_subparsers(dest="site_command", required=True)
-    check = site_commands.add_parser("check", help="check a site's DICOM folder")
-    check.add_argument("--data", required=True, help="the site's DICOM folder")
+    check = site_commands.add_parser(
+        "check", help="check a site's DICOM folder (--data) or its whole startup kit (--kit)"
+    )
+    what = check.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="the site's DICOM folder")
+    what.add_argument(
+        "--kit", help="the site's startup kit: files, signature, certificate, server, data, policy"
+    )
     check.add_argument("--cache", help="cache folder for decoded volumes (optional)")
     check.add_argument(
         "--quarantine-out", default="quarantine.json", help="where to write the quarantine list"
@@ -245,6 +445,64 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--key", help="the site's signing key (default: site_key.pem beside it)")
     ledger.add_argument("--budget", type=float, help="the site's total epsilon budget")
     ledger.set_defaults(handler=_site_ledger)
+    pacs = site_commands.add_parser(
+        "import", help="copy studies from the PACS over DICOMweb into the site's data folder"
+    )
+    pacs.add_argument(
+        "--dicomweb",
+        required=True,
+        metavar="URL",
+        help="DICOMweb root, e.g. https://pacs.example.org/dicom-web",
+    )
+    pacs.add_argument(
+        "--out", required=True, metavar="DIR", help="the site's DICOM folder (a rerun resumes)"
+    )
+    pacs.add_argument(
+        "--study",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="StudyInstanceUID to import (repeatable)",
+    )
+    pacs.add_argument("--modality", metavar="CODE", help="only studies holding it, e.g. CT")
+    pacs.add_argument("--username", metavar="USER", help="HTTP basic-auth user")
+    pacs.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the password"
+    )
+    pacs.add_argument(
+        "--ca-bundle", metavar="PEM", help="the CA that signed the PACS's https certificate"
+    )
+    pacs.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="seconds per answer (30)"
+    )
+    pacs.add_argument(
+        "--max-instances",
+        type=_int_at_least(1),
+        metavar="N",
+        help="fetch at most N instances in this run (import in batches)",
+    )
+    pacs.set_defaults(handler=_site_import)
+
+    from fedseg import deploy_cli
+
+    deploy_cli.register(commands, _int_at_least)
+
+    report = commands.add_parser(
+        "report", help="rebuild report, plots and model card from a results folder"
+    )
+    report.add_argument("results", help="results folder holding history.json")
+    report.set_defaults(handler=_report)
+
+    model = commands.add_parser("model", help="trained models")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    verify = model_commands.add_parser(
+        "verify", help="check a model file against its signed manifest (exit 1 on any change)"
+    )
+    verify.add_argument("model", help="the model file, e.g. RESULTS/models/final_model.pt")
+    verify.add_argument("--root-ca", help="rootCA.pem from the federation's startup kit")
+    verify.add_argument("--signer", help="require this signer (the server's name in project.yml)")
+    verify.add_argument("--spec", help="also require that the model was trained with this spec")
+    verify.set_defaults(handler=_model_verify)
 
     spec = commands.add_parser("spec", help="job specs")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
@@ -276,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         NotADirectoryError,
     )
     try:
+        from fedseg.deploy_cli import user_errors as deploy_errors
         from simulator.federation import SimulationError
 
-        user_errors = (*user_errors, SimulationError)
+        user_errors = (*user_errors, SimulationError, *deploy_errors())
         status = args.handler(args)
     except user_errors as error:
         error_console.print(f"[red]error:[/red] {error}")

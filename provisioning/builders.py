@@ -48,6 +48,7 @@ AUTHORIZATION = {
             "view": "any",
             "operate": "any",
             "shell_commands": "any",
+            "app_command": "any",
             **_NO_CUSTOM_CODE,
         },
         "org_admin": {
@@ -58,6 +59,7 @@ AUTHORIZATION = {
             "view": "any",
             "operate": "o:site",
             "shell_commands": "o:site",
+            "app_command": "o:submitter",
             **_NO_CUSTOM_CODE,
         },
         "lead": {
@@ -68,6 +70,7 @@ AUTHORIZATION = {
             "view": "any",
             "operate": "o:site",
             "shell_commands": "none",
+            "app_command": "n:submitter",  # `fedseg job status` asks its own running jobs
             **_NO_CUSTOM_CODE,
         },
         "member": {"view": "any", **_NO_CUSTOM_CODE},

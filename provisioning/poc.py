@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -173,29 +172,24 @@ def stop_participant(kit: Path, pid: int, *, grace_s: float = 15.0) -> None:
     _stop_daemons({kit: pid}, grace_s)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _stop_daemons(daemons: dict[Path, int], grace_s: float) -> list[Path]:
-    """Touch each kit's ``shutdown.fl`` (the daemon's own stop signal), wait, then end the
-    process groups still alive and any process left from the kits; return kits that needed it."""
+    """Touch each kit's ``shutdown.fl`` (the daemon's own stop signal), wait, then end what is
+    left of each kit; return the kits whose processes had to be killed.
+
+    Processes are found by their kit path (command line or working directory), never by a
+    remembered pid alone: the pid of an exited daemon may by now belong to another process.
+    """
     for kit in daemons:
         (kit / "shutdown.fl").touch()
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in daemons.values()):
+    while time.monotonic() < deadline and any(poc_processes(kit) for kit in daemons):
         time.sleep(0.5)
-    forced = [kit for kit, pid in daemons.items() if _alive(pid)]
-    for kit, pid in daemons.items():
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.5)
+    forced = [kit for kit in daemons if poc_processes(kit)]
+    for kit in forced:
+        for process in poc_processes(kit):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        time.sleep(1.0)
         for process in poc_processes(kit):
             _kill(process)
     return forced
@@ -260,7 +254,7 @@ def start_poc(
     workspace = Path(workspace).resolve()
     if (workspace / STATE_FILE).is_file():
         state = PocState.load(workspace)
-        if any(psutil.pid_exists(pid) for pid in state.pids.values()):
+        if poc_processes(Path(state.kits_dir)):
             raise PocError(
                 f"{workspace}: a POC is already running there; stop it with "
                 f"`fedseg poc stop --workspace {workspace}`"

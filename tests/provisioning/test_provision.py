@@ -182,3 +182,29 @@ def test_a_missing_data_folder_and_an_incomplete_kit_name_the_fix(site_kit):
     (site_kit / "startup" / "client.key").unlink()
     result = check_kit(site_kit, timeout_s=0.5)
     assert result[-1].outcome is Outcome.FAIL and "startup/client.key" in result[-1].detail
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def test_provision_commands_write_a_template_and_kits_or_name_the_problem(tmp_path, capsys):
+    from fedseg.cli import main
+
+    template = tmp_path / "project.yml"
+    assert main(["provision", "--write-template", str(template)]) == 0
+    assert main(["provision", "--write-template", str(template)]) == 2  # never overwritten
+    assert main(["provision", "--project", str(template), "--out", str(tmp_path / "kits")]) == 0
+    assert "researcher@hospital-a.org" in capsys.readouterr().out
+    template.write_text(template.read_text().replace("role: lead", "role: boss"))
+    assert main(["provision", "--project", str(template), "--out", str(tmp_path / "k2")]) == 2
+    assert "role must be one of" in capsys.readouterr().err
+
+
+def test_site_check_kit_exits_1_and_names_what_to_fix(site_kit, capsys):
+    from fedseg.cli import main
+
+    assert main(["site", "check", "--kit", str(site_kit)]) == 1
+    captured = capsys.readouterr()
+    assert "pass kit signature" in captured.out
+    assert "fail server address" in captured.out and "fix:" in captured.out
+    assert "not ready" in captured.err and "server address" in captured.err

@@ -1,0 +1,242 @@
+"""``fedseg provision``, ``fedseg poc`` and ``fedseg job``: parsing and printing only.
+
+The work is done by ``provisioning`` (FLARE provisioning, POC processes), ``jobs.session``
+(FLARE's Session API) and ``site_app.kit_check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(soft_wrap=True)
+
+# -- provision -----------------------------------------------------------------------------------
+
+
+def _provision(args: argparse.Namespace) -> None:
+    from provisioning.provision import provision, template_text
+
+    if args.write_template:
+        path = Path(args.write_template)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose another name or remove it first")
+        path.write_text(template_text())
+        console.print(
+            f"[green]wrote[/green] {path}: edit the participants and policy, then run "
+            f"`fedseg provision --project {path} --out DIR`"
+        )
+        return
+    if not args.project or not args.out:
+        raise FileNotFoundError("pass --project FILE and --out DIR (or --write-template FILE)")
+    federation = provision(args.project, args.out)
+    table = Table(title=f"startup kits of {federation.project} in {federation.kits_dir}")
+    for column in ("participant", "role", "kit"):
+        table.add_column(column)
+    table.add_row(federation.server, "server", str(federation.server_kit))
+    for site, kit in sorted(federation.sites.items()):
+        table.add_row(site, "site", str(kit))
+    for name, (role, kit) in sorted(federation.admins.items()):
+        table.add_row(name, role, str(kit))
+    console.print(table)
+    console.print(
+        "Send each kit to its owner over a secure channel. Site admins edit "
+        "local/fedseg_site.yaml (data path, policy) and run `fedseg site check --kit KIT`."
+    )
+
+
+# -- poc ---------------------------------------------------------------------------------------
+
+
+def _poc_start(args: argparse.Namespace) -> None:
+    from provisioning.poc import start_poc
+
+    console.print(f"provisioning and starting a server and {args.sites} site(s) on loopback…")
+    state = start_poc(Path(args.workspace), sites=args.sites, data_dir=args.data, port=args.port)
+    federation = state.federation
+    console.print(
+        f"[green]ready[/green]: {len(federation.sites)} site(s) connected after "
+        f"{state.connected_after_s:.1f} s; server localhost:{federation.port}"
+    )
+    researcher = federation.admin_with_role("lead")
+    console.print(
+        f"submit a job: fedseg job submit jobs/specs/demo.yaml --kit "
+        f"{federation.admins[researcher][1]}\nstop: fedseg poc stop --workspace {args.workspace}"
+    )
+
+
+def _poc_stop(args: argparse.Namespace) -> None:
+    from provisioning.poc import stop_poc
+
+    forced = stop_poc(Path(args.workspace))
+    note = f" ({', '.join(forced)} had to be killed)" if forced else ""
+    console.print(f"[green]stopped[/green]: no POC process left{note}")
+
+
+def _poc_status(args: argparse.Namespace) -> None:
+    from provisioning.poc import PocState, connected_sites
+
+    state = PocState.load(Path(args.workspace))
+    sites = connected_sites(state.federation)
+    console.print(f"connected: {', '.join(sites) or 'none'} (kits in {state.kits_dir})")
+
+
+# -- job -----------------------------------------------------------------------------------------
+
+
+def _job_submit(args: argparse.Namespace) -> None:
+    from jobs.session import submit
+    from jobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    job_id = submit(spec, Path(args.kit), sites=args.sites)
+    console.print(f"[green]submitted[/green] {spec.name}: job id {job_id}")
+    console.print(f"follow it: fedseg job status {job_id} --kit {args.kit}")
+
+
+def _job_list(args: argparse.Namespace) -> None:
+    from jobs.session import list_jobs
+
+    table = Table(title="jobs")
+    for column in ("job id", "name", "status", "submitted", "duration"):
+        table.add_column(column)
+    for job in list_jobs(Path(args.kit)):
+        table.add_row(
+            job.get("job_id", "?"),
+            job.get("job_name", "?"),
+            job.get("status", "?"),
+            str(job.get("submit_time", "")),
+            str(job.get("duration", "")),
+        )
+    console.print(table)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _job_status(args: argparse.Namespace) -> int:
+    from jobs.session import job_status
+
+    status = job_status(Path(args.kit), args.job_id)
+    planned = "?" if status.rounds_planned is None else status.rounds_planned
+    console.print(
+        f"[bold]{status.name}[/bold] ({status.job_id}): {status.status}; round "
+        f"{status.rounds_done}/{planned}; sites connected: "
+        f"{', '.join(status.sites_connected) or 'none'}"
+    )
+    if status.sites:
+        table = Table()
+        for column in ("site", "last round", "val Dice", "epsilon", "budget left", "note"):
+            table.add_column(column)
+        for site in status.sites:
+            notes = []
+            if site.refused:
+                notes.append(f"refused: {site.refused}")
+            if site.missing_rounds:
+                notes.append(f"no result in round(s) {[r + 1 for r in site.missing_rounds]}")
+            table.add_row(
+                site.site,
+                "-" if site.last_round is None else str(site.last_round + 1),
+                _fmt(site.val_dice),
+                _fmt(site.epsilon, 2),
+                _fmt(site.budget_left, 2),
+                "; ".join(notes),
+            )
+        console.print(table)
+    for line in status.errors:
+        console.print(f"[red]site error[/red] {line}")
+    if status.status == "FINISHED:ABNORMAL" and status.rounds_done:
+        console.print(
+            "[yellow]note[/yellow]: FLARE marks a job ABNORMAL when a site lost its job process "
+            f"(e.g. it was restarted); {status.rounds_done} round(s) were aggregated and saved — "
+            "the rounds a site missed are listed above"
+        )
+    return 0
+
+
+def _job_abort(args: argparse.Namespace) -> None:
+    from jobs.session import abort
+
+    abort(Path(args.kit), args.job_id)
+    console.print(f"[yellow]aborted[/yellow] {args.job_id}")
+
+
+def _job_download(args: argparse.Namespace) -> None:
+    from jobs.session import download
+    from server_app.history import read_history
+    from server_app.report import final_table, write_report
+
+    out = download(Path(args.kit), args.job_id, Path(args.out))
+    history = read_history(out / "history.json")
+    report = write_report(history, spec=history.spec or {}, out_dir=out)
+    console.print(final_table(report))
+    console.print(f"report: {out / 'report.md'}; models: {out / 'models'}")
+
+
+def register(commands: argparse._SubParsersAction, int_at_least) -> None:
+    """Add the deployment command groups to the top-level parser."""
+    provision = commands.add_parser(
+        "provision", help="project admin: FLARE startup kits for server, sites and admins"
+    )
+    provision.add_argument("--project", help="project file (FLARE project.yml + fedseg builders)")
+    provision.add_argument("--out", help="folder for the kits")
+    provision.add_argument("--write-template", metavar="FILE", help="write the project template")
+    provision.set_defaults(handler=_provision)
+
+    poc = commands.add_parser("poc", help="a real FLARE server and sites on this machine")
+    poc_commands = poc.add_subparsers(dest="poc_command", required=True)
+    start = poc_commands.add_parser("start", help="provision, start and wait until connected")
+    start.add_argument("--sites", type=int_at_least(1), default=2)
+    start.add_argument("--workspace", default="poc", help="folder for kits, logs and state")
+    start.add_argument(
+        "--data", help="folder from `fedseg simulate data` (default: generated in the workspace)"
+    )
+    start.add_argument("--port", type=int_at_least(1), help="server port (default: a free one)")
+    start.set_defaults(handler=_poc_start)
+    for name, handler, text in (
+        ("stop", _poc_stop, "shut the POC down; no process is left"),
+        ("status", _poc_status, "sites connected now"),
+    ):
+        sub = poc_commands.add_parser(name, help=text)
+        sub.add_argument("--workspace", default="poc")
+        sub.set_defaults(handler=handler)
+
+    job = commands.add_parser("job", help="researcher: jobs on a real federation")
+    job_commands = job.add_subparsers(dest="job_command", required=True)
+    submit = job_commands.add_parser("submit", help="submit a job spec")
+    submit.add_argument("spec")
+    submit.add_argument("--sites", nargs="+", help="sites to train at (default: all connected)")
+    listing = job_commands.add_parser("list", help="jobs you may see")
+    status = job_commands.add_parser("status", help="round, sites, epsilon, refusals")
+    status.add_argument("job_id")
+    abort = job_commands.add_parser("abort", help="stop a running job")
+    abort.add_argument("job_id")
+    download = job_commands.add_parser("download", help="results, models and report of a job")
+    download.add_argument("job_id")
+    download.add_argument("--out", required=True)
+    for sub, handler in (
+        (submit, _job_submit),
+        (listing, _job_list),
+        (status, _job_status),
+        (abort, _job_abort),
+        (download, _job_download),
+    ):
+        sub.add_argument("--kit", required=True, help="your admin startup kit folder")
+        sub.set_defaults(handler=handler)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from jobs.session import FederationError
+    from provisioning.poc import PocError
+    from provisioning.provision import ProvisioningError
+
+    return (FederationError, PocError, ProvisioningError)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `fedseg` command")
