@@ -47,8 +47,8 @@ class DevicePlacement:
     memory_fraction: float | None
     """Share of the GPU's memory this process may allocate (None on CPU)."""
     channels_last: bool
-    """Store 5-D weights and batches as channels_last_3d (measured 2x faster on CPU for the
-    demo UNet, with and without DP: docs/performance.md; not measured on GPU, so off there)."""
+    """Store 5-D weights and batches as channels_last_3d (on CPU the demo UNet's DP step is 1.7x
+    and its no-DP step 2.3x faster: docs/performance.md; not measured on GPU, so off there)."""
 
 
 def device_placement(*, cuda_available: bool, sites_sharing: int) -> DevicePlacement:
