@@ -750,6 +750,8 @@ def plot_privacy_utility(sweep: Sequence[SweepPoint], path: Path) -> Path | None
             ys = [next(s.dice for s in p.result.scores if s.site == site) for p in finite]
             axes.scatter(xs, [y if y is not None else 0.0 for y in ys], s=14, alpha=0.6, label=site)
         axes.set_xscale("log")
+        axes.set_xticks(xs, [f"{x:g}" for x in xs])
+        axes.minorticks_off()
     for point in off:
         axes.axhline(
             point.result.mean_dice or 0.0, linestyle="--", color="grey", label="DP off (ε = ∞)"
