@@ -119,7 +119,7 @@ def train_local_only(
     """Each site trains alone: ``rounds`` x ``local_epochs`` epochs on its own training patients.
 
     Exactly a one-site federation: the site's ``LocalJob`` runs ``train_round`` on its own
-    weights every round (optimizer state restarts each round, as in FedAvg), starting from the
+    weights every round (its optimizer state carries over, as at a federated site), from the
     federation's initial weights. ``spec`` must have DP off. ``state_dir`` is wiped first.
     Returns each site's final weights.
     """
@@ -157,9 +157,9 @@ def train_pooled(
     """Centralized training on the union of every site's training patients (no DP).
 
     Same budget as the federation in epochs: ``rounds`` x ``local_epochs`` passes over the
-    pooled patients with the same batch size, optimizer, learning rate and initial weights;
-    the optimizer state restarts every ``local_epochs`` epochs, as in a federated round, so the
-    only difference to FedAvg is where the data sits.
+    pooled patients with the same batch size, optimizer, learning rate and initial weights (one
+    optimizer throughout, as each federated site keeps its own across rounds), so the only
+    difference to FedAvg is where the data sits.
     """
     training = spec.training
     torch.set_num_threads(num_threads or os.cpu_count() or 1)
@@ -191,7 +191,6 @@ def train_pooled(
         stats = train_epochs(
             network, optimizer, loader, epochs=training.local_epochs, loss_fn=loss_fn
         )
-        optimizer.state.clear()
         if on_round:
             meta = {keys.NUM_STEPS: stats.steps, keys.TRAIN_LOSS: stats.mean_loss}
             on_round("pooled", round_index, meta)

@@ -2,7 +2,7 @@
 
 **Same training budget** for every row: ``training.rounds`` x ``training.local_epochs`` epochs
 (passes over the training patients), with the spec's batch size, optimizer, learning rate and
-initial weights, the optimizer state restarting every ``local_epochs`` epochs.
+initial weights; every trainer keeps its optimizer state from round to round.
 
 - local-only: each site alone, that many epochs over its own training patients (a one-site
   federation: the site's ``LocalJob``, no FLARE);
@@ -283,8 +283,8 @@ def training_budget(spec: JobSpec, splits: dict[str, SiteSplit]) -> dict:
         "val_patients": {site: len(split.val) for site, split in splits.items()},
         "definition": (
             "every row trains rounds x local_epochs epochs with the same batch size, optimizer, "
-            "learning rate and initial weights (optimizer state restarts every local_epochs "
-            "epochs): local-only over each site's own training patients, pooled over the union "
+            "learning rate and initial weights (each trainer keeps its optimizer state across "
+            "rounds): local-only over each site's own training patients, pooled over the union "
             "of all sites' training patients, FedAvg and FedAvg + DP at every site per round"
         ),
     }

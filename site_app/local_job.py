@@ -209,6 +209,8 @@ class LocalJob:
             self.model, self.optimizer, self.loader = self.network, optimizer, loader
         if self.state.rounds_done:
             self._restore_rng(self.state.rng_states)
+            if self.state.optimizer is not None:
+                self.optimizer.load_state_dict(self.state.optimizer)
         self.loss_fn = make_loss()
 
     def _open_ledger(self) -> EpsilonLedger:
@@ -366,7 +368,11 @@ class LocalJob:
             epochs=self.spec.training.local_epochs,
             loss_fn=self.loss_fn,
         )
-        self.optimizer.state.clear()  # FedAvg: local optimizer state starts fresh each round
+        # The local optimizer's state carries over to the next round, as when one process kept
+        # its optimizer: restarting Adam every round makes its first, bias-corrected steps
+        # lr-sized in every weight, and the sites drift apart (on the demo data FedAvg fell below
+        # local-only; docs/researcher.md). Saved below, since the simulator may restart us.
+        self.state.optimizer = self.optimizer.state_dict()
 
         if self.private is not None:
             self.state.history = self.private.history

@@ -244,12 +244,20 @@ class DPState:
     history: list[HistoryEntry] = field(default_factory=list)
     rounds_done: int = 0
     rng_states: dict[str, object] = field(default_factory=dict)
+    optimizer: dict | None = None
+    """The local optimizer's ``state_dict()`` after the last round (Adam's moments), or None.
+    With DP it is computed from noised gradients only, so keeping it is post-processing."""
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(
-            {"history": self.history, "rounds_done": self.rounds_done, "rng": self.rng_states},
+            {
+                "history": self.history,
+                "rounds_done": self.rounds_done,
+                "rng": self.rng_states,
+                "optimizer": self.optimizer,
+            },
             tmp,
         )
         tmp.replace(path)  # atomic: a crash mid-write never leaves a half-written ledger
@@ -263,6 +271,7 @@ class DPState:
             history=[tuple(entry) for entry in raw["history"]],
             rounds_done=int(raw["rounds_done"]),
             rng_states=dict(raw["rng"]),
+            optimizer=raw.get("optimizer"),
         )
 
 

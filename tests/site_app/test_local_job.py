@@ -66,6 +66,11 @@ def test_a_restarted_site_continues_epsilon_and_randomness(tiny_federation, tmp_
     first = _job(tiny_federation, tmp_path / "b")
     v1, _ = first.train_round(start, 0)
     restarted = _job(tiny_federation, tmp_path / "b")  # a new process would rebuild from disk
+    # Adam's moments carry over from round to round, through the restart too.
+    kept = first.optimizer.state_dict()["state"]
+    restored = restarted.optimizer.state_dict()["state"]
+    assert kept and restored.keys() == kept.keys()
+    assert all(torch.equal(restored[i]["exp_avg_sq"], kept[i]["exp_avg_sq"]) for i in kept)
     v2, meta_restarted = restarted.train_round(v1, 1)
 
     assert meta_restarted[keys.EPSILON] == meta2[keys.EPSILON]
