@@ -19,7 +19,9 @@ from server_app.report import (
 
 __all__ = ["DEFAULT_TEMPLATE", "ModelCardError", "fill_template", "model_card", "write_model_card"]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "docs" / "model-card-template.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model-card-template.md"
+"""Installed with the package (``docs/model-card-template.md`` links here), so a non-editable
+install fills the same template."""
 _FIELD = re.compile(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}")
 
 
@@ -227,12 +229,13 @@ def model_card(report: dict, template: str, *, source: str = "template") -> str:
 
 
 def write_model_card(report: dict, path: Path, *, template_path: Path | None = None) -> Path:
-    """Fill the template (default ``docs/model-card-template.md``) and write it to ``path``."""
+    """Fill the template (default: the packaged one, ``docs/model-card-template.md``) and write
+    it to ``path``."""
     template_path = Path(template_path or DEFAULT_TEMPLATE)
     if not template_path.is_file():
         raise ModelCardError(
-            f"{template_path}: model card template not found; fedseg reads it from the source "
-            "checkout's docs/ folder (install fedseg from the repository, editable)"
+            f"{template_path}: model card template not found; pass an existing Markdown file, "
+            "or reinstall fedseg (the default template is part of the package)"
         )
     path.write_text(model_card(report, template_path.read_text(), source=str(template_path)))
     return path

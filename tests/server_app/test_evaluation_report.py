@@ -2,6 +2,7 @@
 the rebuild from saved results."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,13 @@ def test_model_card_without_dp_claims_no_guarantee(tmp_path):
 def test_a_template_field_the_code_does_not_know_is_an_error():
     with pytest.raises(ModelCardError, match=r"unknown field\(s\) \['nope'\]"):
         fill_template("# {{job}} {{nope}}", {"job": "x"}, source="card.md")
+
+
+def test_the_default_model_card_template_ships_with_the_package():
+    import server_app
+    from server_app.model_card import DEFAULT_TEMPLATE
+
+    package = Path(server_app.__file__).parent
+    assert DEFAULT_TEMPLATE.is_file() and package in DEFAULT_TEMPLATE.parents
+    # docs/ shows the same file (a link), so what researchers read is what fills the card.
+    assert Path("docs/model-card-template.md").read_text() == DEFAULT_TEMPLATE.read_text()
