@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
-from monai.metrics import DiceMetric
 from torch import nn
-
-from site_app.dataset import PreparedPatient
 
 __all__ = [
     "SITES_SHARING_DEVICE_ENV",
@@ -27,7 +23,6 @@ __all__ = [
     "RoundStats",
     "apply_placement",
     "device_placement",
-    "dice_on_patients",
     "make_loss",
     "sites_sharing_device",
     "train_epochs",
@@ -207,34 +202,3 @@ def train_epochs(
             steps += 1
     optimizer.zero_grad(set_to_none=True)
     return RoundStats(steps=steps, mean_loss=float(np.mean(losses)) if losses else math.nan)
-
-
-@torch.no_grad()
-def dice_on_patients(
-    model: nn.Module,
-    patients: Sequence[PreparedPatient],
-    *,
-    roi_size: tuple[int, int, int],
-) -> float | None:
-    """Mean lesion Dice over the validation volumes that contain a lesion (threshold 0.5).
-
-    Volumes without lesion are left out (MONAI's ``ignore_empty``), so a model that predicts
-    nothing scores 0, not the share of lesion-free patients. None when no held-out volume has a
-    lesion.
-    """
-    volumes = [volume for patient in patients for volume in patient.volumes]
-    if not volumes:
-        return None
-    model.eval()
-    metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
-    for volume in volumes:
-        image = torch.from_numpy(volume.image)[None]
-        label = torch.from_numpy(volume.label)[None]
-        logits = sliding_window_inference(
-            image, roi_size=roi_size, sw_batch_size=4, predictor=model, overlap=0.25
-        )
-        metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=label)
-    scores = metric.get_buffer()
-    if scores is None or bool(torch.isnan(scores).all()):
-        return None
-    return float(torch.nanmean(scores).item())
