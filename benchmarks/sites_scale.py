@@ -77,11 +77,12 @@ def child_pure(sites: int, out: Path, data: Path, cache: Path) -> None:
     import torch
 
     from jobs.model import initial_weights
+    from simulator.federation import threads_per_site
     from site_app.local_job import LocalJob
     from site_app.site_config import SiteConfig
 
     spec = _spec(cross_site=False)
-    threads = max(1, (os.cpu_count() or 1) // sites)  # as the simulator gives each site
+    threads = threads_per_site(sites)  # as the simulator gives each site
     started = time.perf_counter()
     setup, train, validate = [], 0.0, 0.0
     for index in range(1, sites + 1):

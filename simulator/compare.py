@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ from simulator.baselines import (
     train_local_only,
     train_pooled,
 )
-from simulator.federation import discover_sites, run_simulation
+from simulator.federation import discover_sites, run_simulation, threads_per_site
 from simulator.overlays import OverlayRefused, write_site_overlays
 
 __all__ = [
@@ -519,10 +518,10 @@ def run_compare(
     for stale in (out_dir / COMPARE_FOLDER, out_dir / SWEEP_FOLDER):
         if stale.exists():
             shutil.rmtree(stale)  # a rerun must never mix with an earlier run's files
-    # The thread count of one simulated site (run_simulation's rule): local-only then gives a
-    # site's exact float reductions, and torch never spins more threads than a share of the
-    # cores (on a shared 2-core machine, validation took 39.5 s with 2 threads, 8.4 s with 1).
-    num_threads = max(1, (os.cpu_count() or 1) // len(sites))
+    # The thread count of one simulated site: local-only then gives a site's exact float
+    # reductions, and torch never spins more threads than a share of the cores (on a shared
+    # 2-core machine, validation took 39.5 s with 2 threads, 8.4 s with 1).
+    num_threads = threads_per_site(len(sites))
     torch.set_num_threads(num_threads)
     splits = load_site_splits(spec, data_dir=data_dir, sites=sites, cache_dir=out_dir / "cache")
     ctx = _Context(

@@ -31,7 +31,13 @@ from server_app.controller import OUTPUT_FOLDER
 from server_app.history import RunHistory, SiteRound, read_history
 from site_app.training import SITES_SHARING_DEVICE_ENV
 
-__all__ = ["SimulationError", "SimulationResult", "discover_sites", "run_simulation"]
+__all__ = [
+    "SimulationError",
+    "SimulationResult",
+    "discover_sites",
+    "run_simulation",
+    "threads_per_site",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ def _write_site_configs(
     data_dir: Path,
     out_dir: Path,
     sites: list[str],
-    threads_per_site: int,
+    site_threads: int,
     site_policies: dict[str, dict],
     cache_dir: Path,
 ) -> dict[str, Path]:
@@ -87,7 +93,7 @@ def _write_site_configs(
             "data_dir": str((data_dir / site).resolve()),
             # Decoded volumes are kept across runs: re-running a job skips DICOM decoding.
             "cache_dir": str((cache_dir / site).resolve()),
-            "num_threads": threads_per_site,
+            "num_threads": site_threads,
             # Simulated sites are the researcher's own: non-DP baselines are allowed here.
             # A hospital's own config keeps the default, DP required.
             "policy": {"dp_required": False, **site_policies.get(site, {})},
@@ -178,6 +184,16 @@ def _write_federation_scalars(history: RunHistory, log_dir: Path) -> None:
         writer.close()
 
 
+def threads_per_site(sites: int) -> int:
+    """torch threads of each simulated site: an equal share of this machine's cores (>= 1).
+
+    Fixed by the number of sites, not the pool size: torch's float reductions depend on the
+    thread count, so a bounded pool gives the same numbers as one process per site, and anything
+    that must reproduce a site's numbers outside FLARE (baselines, benchmarks) uses this too.
+    """
+    return max(1, (os.cpu_count() or 1) // sites)
+
+
 def run_simulation(
     spec: JobSpec,
     *,
@@ -205,9 +221,7 @@ def run_simulation(
     sites = discover_sites(data_dir)
     threads = len(sites) if threads is None else max(1, min(threads, len(sites)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Fixed by the number of sites, not the pool size: torch's float reductions depend on the
-    # thread count, and a bounded pool must give the same numbers as one process per site.
-    threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
+    site_threads = threads_per_site(len(sites))
     unknown = sorted(set(site_policies or {}) - set(sites))
     if unknown:
         raise SimulationError(f"site_policies names sites that are not in {data_dir}: {unknown}")
@@ -215,7 +229,7 @@ def run_simulation(
         data_dir,
         out_dir,
         sites,
-        threads_per_site,
+        site_threads,
         site_policies or {},
         Path(cache_dir) if cache_dir is not None else out_dir / "cache",
     )
