@@ -237,7 +237,7 @@ def test_a_killed_site_is_marked_missing_and_a_restarted_site_rejoins(poc):
     rounds = 4
     spec = _spec(
         training={"rounds": rounds, "local_epochs": 10},  # a few seconds a round
-        privacy={"noise_multiplier": 6.0},  # epsilon about 4 over 80 steps: within the policy
+        privacy={"noise_multiplier": 6.0},  # epsilon 3.5 over 80 steps: within the policy
         federation={"min_clients": 1, "round_timeout_s": 20},
     )
     job_id = submit(spec, kit, sites=["site-1", "site-2"])
