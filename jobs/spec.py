@@ -48,6 +48,11 @@ class Optimizer(StrEnum):
     ADAM = "adam"
 
 
+class LrSchedule(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
 class Accountant(StrEnum):
     RDP = "rdp"
     PRV = "prv"
@@ -132,6 +137,9 @@ class TrainingSpec(_Strict):
     batch_size: PositiveInt = 4
     """Patients per step; with DP, Poisson-sampled at rate 1 / ceil(patients / batch_size)."""
     lr: PositiveFloat = 1e-3
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    """constant, or cosine: the learning rate falls from ``lr`` towards 0 over the job's
+    ``rounds x local_epochs`` epochs (set per epoch, from the round number every site knows)."""
     optimizer: Optimizer = Optimizer.ADAM
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """SGD momentum (ignored by Adam)."""

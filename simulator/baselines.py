@@ -27,7 +27,7 @@ from site_app.evaluation import evaluate_patients, summarize
 from site_app.ingestion import ingest_site
 from site_app.local_job import LocalJob
 from site_app.site_config import SiteConfig
-from site_app.training import make_loss, train_epochs
+from site_app.training import make_loss, round_learning_rates, train_epochs
 
 __all__ = [
     "SiteScore",
@@ -189,7 +189,12 @@ def train_pooled(
     loss_fn = make_loss()
     for round_index in range(training.rounds):
         stats = train_epochs(
-            network, optimizer, loader, epochs=training.local_epochs, loss_fn=loss_fn
+            network,
+            optimizer,
+            loader,
+            epochs=training.local_epochs,
+            loss_fn=loss_fn,
+            lr_per_epoch=round_learning_rates(training, round_index),
         )
         if on_round:
             meta = {keys.NUM_STEPS: stats.steps, keys.TRAIN_LOSS: stats.mean_loss}

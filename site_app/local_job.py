@@ -40,6 +40,7 @@ from site_app.training import (
     apply_placement,
     device_placement,
     make_loss,
+    round_learning_rates,
     sites_sharing_device,
     train_epochs,
 )
@@ -367,6 +368,7 @@ class LocalJob:
             self.loader,
             epochs=self.spec.training.local_epochs,
             loss_fn=self.loss_fn,
+            lr_per_epoch=round_learning_rates(self.spec.training, round_index),
         )
         # The local optimizer's state carries over to the next round, as when one process kept
         # its optimizer: restarting Adam every round makes its first, bias-corrected steps

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.losses import DiceLoss
 from torch import nn
+
+from jobs.spec import TrainingSpec
 
 __all__ = [
     "SITES_SHARING_DEVICE_ENV",
@@ -24,6 +26,8 @@ __all__ = [
     "apply_placement",
     "device_placement",
     "make_loss",
+    "round_learning_rates",
+    "scheduled_lr",
     "sites_sharing_device",
     "train_epochs",
 ]
@@ -170,6 +174,37 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
+def scheduled_lr(base_lr: float, schedule: str, *, epoch: int, total_epochs: int) -> float:
+    """Learning rate for epoch ``epoch`` (0-based) of a job of ``total_epochs`` epochs.
+
+    ``constant`` keeps ``base_lr``; ``cosine`` is ``base_lr * (1 + cos(pi * epoch / total)) / 2``:
+    ``base_lr`` at the first epoch, falling towards 0 (never reaching it) at the last.
+    """
+    if total_epochs < 1 or not 0 <= epoch < total_epochs:
+        raise ValueError(f"scheduled_lr: epoch {epoch} is outside 0..{total_epochs - 1}")
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / total_epochs))
+    raise ValueError(f"scheduled_lr: unknown schedule {schedule!r} (constant | cosine)")
+
+
+def round_learning_rates(training: TrainingSpec, round_index: int) -> list[float]:
+    """The learning rate of each of round ``round_index``'s ``local_epochs`` passes.
+
+    Every trainer of a job (each site, local-only, pooled) runs the same schedule over the
+    same ``rounds x local_epochs`` epochs, so the rows of a comparison share it too.
+    """
+    total = training.rounds * training.local_epochs
+    first = round_index * training.local_epochs
+    return [
+        scheduled_lr(
+            training.lr, training.lr_schedule, epoch=min(first + e, total - 1), total_epochs=total
+        )
+        for e in range(training.local_epochs)
+    ]
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -177,17 +212,24 @@ def train_epochs(
     *,
     epochs: int,
     loss_fn: nn.Module,
+    lr_per_epoch: Sequence[float] | None = None,
 ) -> RoundStats:
     """Run ``epochs`` passes of ``loader``; each batch is (image, label), both (B, 1, *roi).
 
-    Batches are moved to the model's device and memory format.
+    Batches are moved to the model's device and memory format. ``lr_per_epoch`` (one learning
+    rate per pass) is set on every parameter group before its pass; None keeps the optimizer's.
     """
+    if lr_per_epoch is not None and len(lr_per_epoch) != epochs:
+        raise ValueError(f"train_epochs: {len(lr_per_epoch)} learning rates for {epochs} epochs")
     model.train()
     losses: list[float] = []
     steps = 0
     device = next(model.parameters()).device
     layout = _memory_format(model)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if lr_per_epoch is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_per_epoch[epoch]
         for image, label in loader:
             image = image.to(device, memory_format=layout, non_blocking=True)
             label = label.to(device, memory_format=layout, non_blocking=True)
