@@ -278,11 +278,12 @@ def training_budget(spec: JobSpec, splits: dict[str, SiteSplit]) -> dict:
         "batch_size": training.batch_size,
         "optimizer": training.optimizer.value,
         "lr": training.lr,
+        "lr_schedule": training.lr_schedule.value,
         "train_patients": {site: len(split.train) for site, split in splits.items()},
         "val_patients": {site: len(split.val) for site, split in splits.items()},
         "definition": (
             "every row trains rounds x local_epochs epochs with the same batch size, optimizer, "
-            "learning rate and initial weights (each trainer keeps its optimizer state across "
+            "learning rate schedule and initial weights (each trainer keeps its optimizer state across "
             "rounds): local-only over each site's own training patients, pooled over the union "
             "of all sites' training patients, FedAvg and FedAvg + DP at every site per round"
         ),
@@ -694,7 +695,8 @@ def _markdown(comparison: Comparison) -> str:
         + ", ".join(f"{s} {n}" for s, n in budget["val_patients"].items()),
         f"- budget: {budget['epochs']} epochs = {budget['rounds']} rounds x "
         f"{budget['local_epochs']} local epochs, batch {budget['batch_size']}, "
-        f"{budget['optimizer']} lr {budget['lr']:g}; {budget['definition']}",
+        f"{budget['optimizer']} lr {budget['lr']:g} ({budget.get('lr_schedule', 'constant')}); "
+        f"{budget['definition']}",
         "- scores: final model of each run on each site's held-out patients (the federation's "
         "split); Dice over lesion volumes, HD95 (mm) over those with a non-empty prediction "
         '("n empty": lesion volumes predicted empty, Dice 0, HD95 undefined); means are '
