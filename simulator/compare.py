@@ -283,9 +283,9 @@ def training_budget(spec: JobSpec, splits: dict[str, SiteSplit]) -> dict:
         "val_patients": {site: len(split.val) for site, split in splits.items()},
         "definition": (
             "every row trains rounds x local_epochs epochs with the same batch size, optimizer, "
-            "learning rate schedule and initial weights (each trainer keeps its optimizer state across "
-            "rounds): local-only over each site's own training patients, pooled over the union "
-            "of all sites' training patients, FedAvg and FedAvg + DP at every site per round"
+            "learning rate schedule and initial weights (each trainer keeps its optimizer state "
+            "across rounds): local-only over each site's own training patients, pooled over the "
+            "union of all sites' training patients, FedAvg and FedAvg + DP at every site per round"
         ),
     }
 
