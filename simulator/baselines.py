@@ -21,13 +21,13 @@ from torch import nn
 
 from jobs import keys
 from jobs.model import build_network, initial_weights, numpy_to_state, state_to_numpy
-from jobs.spec import JobSpec, Optimizer
+from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, PreparedPatient, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
 from site_app.ingestion import ingest_site
 from site_app.local_job import LocalJob
 from site_app.site_config import SiteConfig
-from site_app.training import make_loss, round_learning_rates, train_epochs
+from site_app.training import make_loss, make_optimizer, round_learning_rates, train_epochs
 
 __all__ = [
     "SiteScore",
@@ -180,12 +180,7 @@ def train_pooled(
     )
     network = build_network(spec.model)
     network.load_state_dict(numpy_to_state(initial_weights(spec.model, training.seed)))
-    if training.optimizer == Optimizer.ADAM:
-        optimizer = torch.optim.Adam(network.parameters(), lr=training.lr)
-    else:
-        optimizer = torch.optim.SGD(
-            network.parameters(), lr=training.lr, momentum=training.momentum
-        )
+    optimizer = make_optimizer(training, network.parameters())
     loss_fn = make_loss()
     for round_index in range(training.rounds):
         stats = train_epochs(

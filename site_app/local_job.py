@@ -18,7 +18,7 @@ import torch
 
 from jobs import keys
 from jobs.model import build_network, numpy_to_state, state_to_numpy
-from jobs.spec import JobSpec, Optimizer
+from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
 from site_app.ingestion import ingest_site
@@ -40,6 +40,7 @@ from site_app.training import (
     apply_placement,
     device_placement,
     make_loss,
+    make_optimizer,
     round_learning_rates,
     sites_sharing_device,
     train_epochs,
@@ -178,12 +179,7 @@ class LocalJob:
                 torch.channels_last_3d if self.placement.channels_last else torch.preserve_format
             ),
         )
-        if training.optimizer == Optimizer.ADAM:
-            optimizer = torch.optim.Adam(self.network.parameters(), lr=training.lr)
-        else:
-            optimizer = torch.optim.SGD(
-                self.network.parameters(), lr=training.lr, momentum=training.momentum
-            )
+        optimizer = make_optimizer(training, self.network.parameters())
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=min(training.batch_size, len(self.dataset)),

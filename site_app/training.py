@@ -16,7 +16,7 @@ import torch
 from monai.losses import DiceLoss
 from torch import nn
 
-from jobs.spec import TrainingSpec
+from jobs.spec import Optimizer, TrainingSpec
 
 __all__ = [
     "SITES_SHARING_DEVICE_ENV",
@@ -159,6 +159,15 @@ class LesionLoss(nn.Module):
 
 def make_loss() -> nn.Module:
     return LesionLoss()
+
+
+def make_optimizer(
+    training: TrainingSpec, parameters: Iterable[nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The spec's optimizer at its base lr (``round_learning_rates`` sets each epoch's rate)."""
+    if training.optimizer == Optimizer.ADAM:
+        return torch.optim.Adam(parameters, lr=training.lr)
+    return torch.optim.SGD(parameters, lr=training.lr, momentum=training.momentum)
 
 
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
