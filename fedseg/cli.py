@@ -19,6 +19,22 @@ console = Console(soft_wrap=True)  # never break paths in messages across lines
 error_console = Console(stderr=True, soft_wrap=True)
 
 
+def _print_table(table) -> None:
+    """A results table; into a log file or pipe at full width instead of rich's 80 columns.
+
+    Redirected, rich squeezes a 12-column comparison into 80 columns and cuts every number.
+    """
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.width
+    console.width = max(width, 240)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 class _UserError(Exception):
     """A problem the user can fix; printed without a traceback."""
 
@@ -110,7 +126,7 @@ def _simulate_run(args: argparse.Namespace) -> None:
     report = write_report(
         result.history, spec=spec.to_plain(), out_dir=result.out_dir, wall_s=result.wall_s
     )
-    console.print(final_table(report))
+    _print_table(final_table(report))
     if report["stopped_reason"]:
         console.print(f"[yellow]stopped early:[/yellow] {report['stopped_reason']}")
     epsilons = [row["epsilon"] for row in report["per_site"] if row["epsilon"] is not None]
@@ -153,11 +169,11 @@ def _simulate_compare(args: argparse.Namespace) -> None:
         )
     except CompareError as error:
         raise _UserError(str(error)) from None
-    console.print(comparison_table(comparison))
+    _print_table(comparison_table(comparison))
     for line in ratio_lines(comparison):
         console.print(line)
     if comparison.sweep:
-        console.print(sweep_table(comparison))
+        _print_table(sweep_table(comparison))
     for note in comparison.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     out = Path(args.out)
@@ -305,7 +321,7 @@ def _report(args: argparse.Namespace) -> None:
         report = rebuild_report(results)
     except (ReportError, ModelCardError) as error:
         raise _UserError(str(error)) from None
-    console.print(final_table(report))
+    _print_table(final_table(report))
     files = ["report.md", "report.json", "model_card.md", *report["plots"]]
     console.print(f"rebuilt in {results}: {', '.join(files)}")
 

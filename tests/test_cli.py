@@ -79,3 +79,18 @@ def test_site_ledger_shows_the_budget_and_reports_tampering(tmp_path, capsys):
     assert main(["site", "ledger", "--ledger", str(path)]) == 1
     err = capsys.readouterr().err
     assert "failed verification" in err and "round 1" in err
+
+
+def test_a_redirected_results_table_is_printed_whole(capsys):
+    """Into a log file rich would squeeze 12 columns into 80 and cut the numbers to '0.4…'."""
+    from rich.table import Table
+
+    from fedseg.cli import _print_table, console
+
+    table = Table(*[f"site-{i} Dice | HD95 mm" for i in range(12)])
+    table.add_row(*[f"0.{i:03d} | 123.4" for i in range(12)])
+    width = console.width
+    _print_table(table)
+    out = capsys.readouterr().out
+    assert all(f"0.{i:03d} | 123.4" in out for i in range(12)) and "…" not in out
+    assert console.width == width  # messages after the table keep the console's width
