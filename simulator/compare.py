@@ -695,7 +695,7 @@ def _markdown(comparison: Comparison) -> str:
         + ", ".join(f"{s} {n}" for s, n in budget["val_patients"].items()),
         f"- budget: {budget['epochs']} epochs = {budget['rounds']} rounds x "
         f"{budget['local_epochs']} local epochs, batch {budget['batch_size']}, "
-        f"{budget['optimizer']} lr {budget['lr']:g} ({budget.get('lr_schedule', 'constant')}); "
+        f"{budget['optimizer']} lr {budget['lr']:g} ({budget['lr_schedule']}); "
         f"{budget['definition']}",
         "- scores: final model of each run on each site's held-out patients (the federation's "
         "split); Dice over lesion volumes, HD95 (mm) over those with a non-empty prediction "
