@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -146,6 +147,26 @@ def test_ct_series_round_trips_geometry_hu_and_uids(
     assert np.max(np.abs(hu - phantom.hu)) <= 0.5
     assert first.RescaleType == "HU"
     assert first.PixelRepresentation == (1 if rescale is RescaleConvention.SIGNED else 0)
+
+
+@pytest.mark.parametrize("rescale", list(RescaleConvention))
+@pytest.mark.parametrize("transfer_syntax_uid", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_slice_files_are_what_pydicom_writes_for_their_datasets(
+    tmp_path: Path, phantom, rescale: RescaleConvention, transfer_syntax_uid: str
+) -> None:
+    ct = _write_ct(
+        phantom, tmp_path / "CT", rescale=rescale, transfer_syntax_uid=transfer_syntax_uid
+    )
+    mr = write_mr_series(
+        intensity=np.clip(phantom.hu + 1024.0, 0, 4095),
+        series=_series(transfer_syntax_uid=transfer_syntax_uid),
+        out_dir=tmp_path / "MR",
+    )
+    for written in (ct, mr):
+        for path, dataset in zip(written.paths, written.datasets, strict=True):
+            reference = io.BytesIO()
+            dataset.save_as(reference, enforce_file_format=True)
+            assert path.read_bytes() == reference.getvalue(), path
 
 
 def test_ct_slice_carries_the_identity_and_study_attributes(tmp_path: Path, phantom) -> None:
