@@ -43,15 +43,35 @@ class _UserError(Exception):
 
 
 def _simulate_data(args: argparse.Namespace) -> None:
-    from simulator.synthetic_data import generate_federation_data
+    from simulator.synthetic_data import generate_federation_data, generate_public_cohort
 
+    if args.public:
+        if args.sites is not None:
+            raise _UserError(
+                "--sites: a public cohort is one folder (OUT/public), not sites; drop --sites, "
+                "or drop --public to write a federation"
+            )
+        cohort = generate_public_cohort(
+            out_dir=Path(args.out),
+            patients=args.patients_per_site,
+            seed=args.seed,
+            matrix=args.matrix,
+            progress=True,
+            workers=args.workers,
+        )
+        console.print(
+            f"[green]wrote[/green] a public cohort of {len(cohort.cases)} patients to "
+            f"{cohort.folder} (manifest: {cohort.out_dir / 'manifest.json'})"
+        )
+        return
     summary = generate_federation_data(
         out_dir=Path(args.out),
-        sites=args.sites,
+        sites=3 if args.sites is None else args.sites,
         patients_per_site=args.patients_per_site,
         seed=args.seed,
         matrix=args.matrix,
         progress=True,
+        workers=args.workers,
     )
     console.print(
         f"[green]wrote[/green] {len(summary.sites)} simulated site(s) to {summary.out_dir} "
@@ -385,16 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="simulated sites on this machine")
     sim_commands = simulate.add_subparsers(dest="simulate_command", required=True)
     data = sim_commands.add_parser("data", help="write synthetic DICOM for N simulated sites")
-    data.add_argument("--sites", type=_int_at_least(1), default=3)
+    data.add_argument("--sites", type=_int_at_least(1), default=None, help="(default 3)")
     data.add_argument(
         "--patients-per-site",
         type=_int_at_least(2),
         default=12,
-        help="good patients per site (broken inputs are added on top)",
+        help="good patients per site (broken inputs are added on top); with --public, the "
+        "cohort's patients",
     )
     data.add_argument("--seed", type=int, default=0)
     data.add_argument(
         "--matrix", type=_int_at_least(16), default=64, help="in-plane pixels per CT slice"
+    )
+    data.add_argument(
+        "--public",
+        action="store_true",
+        help="write a public cohort into OUT/public instead: other vendors and calibration, "
+        "larger and brighter lesions, no broken inputs (data to pretrain on without DP)",
+    )
+    data.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=None,
+        help="processes writing patients (default: one per CPU); the files do not depend on it",
     )
     data.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
     data.set_defaults(handler=_simulate_data)

@@ -203,6 +203,25 @@ def test_same_parameters_give_byte_identical_files(
     assert _digests(again.out_dir) == _digests(federation.out_dir)
 
 
+def test_worker_processes_write_the_same_bytes_as_one(
+    federation: FederationDataSummary, tmp_path: Path
+) -> None:
+    parallel = generate_federation_data(out_dir=tmp_path, workers=2, **TINY)
+    assert parallel.sites == federation.sites
+    assert _digests(parallel.out_dir) == _digests(federation.out_dir)
+
+
+def test_slices_cover_the_liver_at_every_thickness() -> None:
+    for seed in range(5):
+        for profile in site_profiles(seed=seed, sites=5, matrix=64):
+            coverage = profile.field_of_view_mm[1]
+            if profile.slices < 96:  # thin-slice sites stop at 3/2 matrix
+                assert coverage == pytest.approx(200.0, abs=profile.slice_thickness_mm)
+            assert coverage >= 140.0
+    thicknesses = {p.slice_thickness_mm for p in site_profiles(seed=0, sites=5, matrix=64)}
+    assert len(thicknesses) == 5 and min(thicknesses) <= 1.5 and max(thicknesses) >= 5.0
+
+
 def test_another_seed_gives_other_data(federation: FederationDataSummary, tmp_path: Path) -> None:
     other = generate_federation_data(out_dir=tmp_path, **{**TINY, "seed": 4})
     ours, theirs = _digests(federation.out_dir), _digests(other.out_dir)
@@ -237,6 +256,14 @@ def test_federation_with_other_parameters_is_not_overwritten(
         generate_federation_data(out_dir=federation.out_dir, **{**TINY, "seed": 9})
 
 
+def test_a_folder_from_another_simulator_version_is_not_reused(tmp_path: Path) -> None:
+    (tmp_path / "site-1").mkdir()
+    old = {"schema_version": 1, "generator": "fedseg.simulator", "parameters": TINY, "sites": []}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
+    with pytest.raises(OutputFolderNotEmptyError, match="another simulator version"):
+        generate_federation_data(out_dir=tmp_path, **TINY)
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
@@ -244,6 +271,7 @@ def test_federation_with_other_parameters_is_not_overwritten(
         ({"patients_per_site": 1}, "patients_per_site"),
         ({"seed": -1}, "seed"),
         ({"matrix": 8}, "matrix"),
+        ({"workers": 0}, "workers"),
     ],
 )
 def test_invalid_parameters_name_the_field(tmp_path: Path, overrides: dict, field: str) -> None:
