@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:  # the CLI imports domain packages lazily, so `fedseg --help` stays fast
@@ -222,7 +223,16 @@ def _positive_float(text: str) -> float:
 # -- site ----------------------------------------------------------------------------------------
 
 
-def _site_kit_check(kit: Path) -> int:
+def _sha256_fingerprint(text: str) -> str:
+    from site_app.kit_check import parse_sha256
+
+    try:
+        return parse_sha256(text)
+    except ValueError as error:  # argparse names the option itself
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _site_kit_check(kit: Path, root_ca_sha256: str | None) -> int:
     from site_app.kit_check import Outcome, check_kit
 
     colour = {Outcome.PASS: "green", Outcome.WARN: "yellow", Outcome.FAIL: "red"}
@@ -230,14 +240,14 @@ def _site_kit_check(kit: Path) -> int:
     def show(result) -> None:
         console.print(
             f"[{colour[result.outcome]}]{result.outcome.value:>4}[/{colour[result.outcome]}] "
-            f"{result.item}: {result.detail}"
-            + (f"\n       fix: {result.fix}" if result.fix else "")
+            f"{escape(result.item)}: {escape(result.detail)}"
+            + (f"\n       fix: {escape(result.fix)}" if result.fix else "")
         )
 
-    results = check_kit(kit, on_result=show)
+    results = check_kit(kit, root_ca_sha256=root_ca_sha256, on_result=show)
     failed = [r.item for r in results if r.outcome is Outcome.FAIL]
     if failed:
-        error_console.print(f"[red]not ready[/red]: fix {', '.join(failed)}")
+        error_console.print(f"[red]not ready[/red]: fix {escape(', '.join(failed))}")
         return 1
     console.print("[green]ready[/green] to join the federation")
     return 0
@@ -245,7 +255,9 @@ def _site_kit_check(kit: Path) -> int:
 
 def _site_check(args: argparse.Namespace) -> int | None:
     if args.kit:
-        return _site_kit_check(Path(args.kit))
+        return _site_kit_check(Path(args.kit), args.root_ca_sha256)
+    if args.root_ca_sha256:
+        raise _UserError("--root-ca-sha256 checks a startup kit: pass it with --kit KIT")
     from site_app.data_summary import summarize, summary_table
     from site_app.ingestion import ingest_site
     from site_app.quarantine import write_quarantine
@@ -481,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--data", help="the site's DICOM folder")
     what.add_argument(
         "--kit", help="the site's startup kit: files, signature, certificate, server, data, policy"
+    )
+    check.add_argument(
+        "--root-ca-sha256",
+        type=_sha256_fingerprint,
+        metavar="HEX",
+        help="with --kit: the project's root CA fingerprint, from the project admin by phone "
+        "or another channel than the kit (hex, colons allowed)",
     )
     check.add_argument("--cache", help="cache folder for decoded volumes (optional)")
     check.add_argument(

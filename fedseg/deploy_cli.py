@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(soft_wrap=True)
@@ -20,6 +21,7 @@ console = Console(soft_wrap=True)
 
 def _provision(args: argparse.Namespace) -> None:
     from provisioning.provision import provision, template_text
+    from site_app.kit_check import format_sha256
 
     if args.write_template:
         path = Path(args.write_template)
@@ -34,18 +36,32 @@ def _provision(args: argparse.Namespace) -> None:
     if not args.project or not args.out:
         raise FileNotFoundError("pass --project FILE and --out DIR (or --write-template FILE)")
     federation = provision(args.project, args.out)
-    table = Table(title=f"startup kits of {federation.project} in {federation.kits_dir}")
+    table = Table(
+        title=f"startup kits of {escape(federation.project)} in {escape(str(federation.kits_dir))}"
+    )
     for column in ("participant", "role", "kit"):
         table.add_column(column)
-    table.add_row(federation.server, "server", str(federation.server_kit))
-    for site, kit in sorted(federation.sites.items()):
-        table.add_row(site, "site", str(kit))
-    for name, (role, kit) in sorted(federation.admins.items()):
-        table.add_row(name, role, str(kit))
+    rows = [(federation.server, "server", federation.server_kit)]
+    rows += [(site, "site", kit) for site, kit in sorted(federation.sites.items())]
+    rows += [(name, role, kit) for name, (role, kit) in sorted(federation.admins.items())]
+    for name, role, kit in rows:
+        table.add_row(escape(name), escape(role), escape(str(kit)))
     console.print(table)
     console.print(
         "Send each kit to its owner over a secure channel. Site admins edit "
-        "local/fedseg_site.yaml (data path, policy) and run `fedseg site check --kit KIT`."
+        "local/fedseg_site.yaml (data path, policy) and run `fedseg site check --kit KIT "
+        "--root-ca-sha256 FINGERPRINT`."
+    )
+    if federation.root_ca_sha256 is not None:
+        console.print(
+            f"[bold]root CA sha256[/bold]: {format_sha256(federation.root_ca_sha256)}\n"
+            "Tell this fingerprint to each site admin out of band (read it out by phone, not in "
+            "the message carrying the kit): whoever can change a kit on its way can also swap "
+            "its root CA and re-sign it, and only this fingerprint shows the swap."
+        )
+    console.print(
+        f"[yellow]keep private[/yellow]: {escape(str(federation.kits_dir.parent / 'state'))} "
+        "holds the root CA key (owner-only); whoever reads it can issue kits for this project"
     )
 
 

@@ -9,23 +9,32 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from site_app.kit_check import certificate_sha256
+
 __all__ = [
     "Federation",
     "ProvisioningError",
     "load_federation",
     "provision",
+    "restrict_key_files",
     "template_text",
 ]
 
 ROLES = ("project_admin", "org_admin", "lead", "member")
 _FEDSEG_BUILDERS = ("provisioning.builders.FedsegSiteBuilder",)
 _SIGNING_BUILDER = "provisioning.builders.StartupSigningBuilder"
+_STATE_DIR = "state"
+"""FLARE's folder beside the kits: ``cert.json`` holds the root CA key and every participant's
+private key, so later runs issue certificates from the same root."""
+_PRIVATE_DIR_MODE, _PRIVATE_FILE_MODE = 0o700, 0o600
 
 
 class ProvisioningError(ValueError):
@@ -42,6 +51,10 @@ class Federation:
         sites: client name -> kit folder.
         admins: admin user name -> (role, kit folder).
         port: the server's FLARE port (sites and admin consoles both connect to it).
+        root_ca_sha256: sha256 (hex) of the root CA certificate's DER, or None when the server
+            kit has no ``startup/rootCA.pem``. Site admins check their kit against it
+            (``fedseg site check --kit KIT --root-ca-sha256 HEX``), so it must reach them by
+            another channel than the kit.
     """
 
     project: str
@@ -50,6 +63,7 @@ class Federation:
     port: int
     sites: dict[str, Path] = field(default_factory=dict)
     admins: dict[str, tuple[str, Path]] = field(default_factory=dict)
+    root_ca_sha256: str | None = None
 
     @property
     def server_kit(self) -> Path:
@@ -171,7 +185,35 @@ def provision(project_file: Path | str, out_dir: Path | str) -> Federation:
     kits_dir = Path(ctx.get_result_location())
     # The kits' own record of what was provisioned (read by `fedseg poc` and `job` commands).
     (kits_dir / "project.yml").write_text(project_file.read_text())
+    restrict_key_files(kits_dir.parent)
     return load_federation(kits_dir)
+
+
+def restrict_key_files(project_dir: Path | str) -> list[Path]:
+    """Make private keys readable by their owner only; return the paths whose mode changed.
+
+    FLARE writes ``state/cert.json`` (the root CA key and every participant's key) with the
+    process's umask, typically 0644. Here ``state/`` and every folder holding a ``*.key`` of
+    any ``prod_NN`` kit become 0700, and those files 0600 (``rootCA.key`` too, where a FLARE
+    version writes one).
+    """
+    project_dir = Path(project_dir)
+    files = [path for path in project_dir.rglob("*.key") if path.is_file()]
+    state = project_dir / _STATE_DIR
+    if state.is_dir():
+        files += [path for path in state.rglob("*") if path.is_file()]
+    folders = {path.parent for path in files}
+    if state.is_dir():
+        folders |= {state, *(path for path in state.rglob("*") if path.is_dir())}
+    changed = []
+    for path, mode in [
+        *((folder, _PRIVATE_DIR_MODE) for folder in sorted(folders)),
+        *((file, _PRIVATE_FILE_MODE) for file in sorted(set(files))),
+    ]:
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)
+            changed.append(path)
+    return changed
 
 
 def load_federation(kits_dir: Path | str, *, project_file: Path | None = None) -> Federation:
@@ -187,6 +229,7 @@ def load_federation(kits_dir: Path | str, *, project_file: Path | None = None) -
         for p in data["participants"]
         if p["type"] == "admin"
     }
+    root_ca = kits_dir / server["name"] / "startup" / "rootCA.pem"
     return Federation(
         project=data["name"],
         kits_dir=kits_dir,
@@ -194,4 +237,5 @@ def load_federation(kits_dir: Path | str, *, project_file: Path | None = None) -
         port=int(server.get("fed_learn_port", 8002)),
         sites=sites,
         admins=admins,
+        root_ca_sha256=certificate_sha256(root_ca) if root_ca.is_file() else None,
     )

@@ -1,15 +1,22 @@
 """``fedseg site check --kit``: is this hospital's startup kit ready to join the federation?
 
 Each check gives a pass, warning or failure with what to fix. Checks: the kit has every file
-FLARE needs; its startup folder still matches the provisioning signature; the site certificate
-chains to the project's root CA and is within its validity; the server address resolves and
-answers; the site config loads, its data folder is readable and ingests (a summary, no patient
-data); the privacy policy loads and the epsilon ledger verifies, with the budget left.
+FLARE needs; its root CA is the project's (the sha256 fingerprint the project admin gave by
+another channel); its startup folder still matches the provisioning signature; the site
+certificate chains to the project's root CA and is within its validity; the server address
+resolves and answers; the site config loads, its data folder is readable and ingests (a summary,
+no patient data); the privacy policy loads and the epsilon ledger verifies, with the budget left.
+
+The signature is verified with the ``rootCA.pem`` inside the signed folder, so on its own it
+only proves the folder is consistent: whoever can write the kit can swap the CA and re-sign.
+Only the fingerprint, which does not travel with the kit, anchors it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +26,24 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from site_app.site_config import SITE_CONFIG_FILE, SiteConfigError, load_site_config
 
-__all__ = ["CheckResult", "Outcome", "check_kit"]
+__all__ = [
+    "CheckResult",
+    "Outcome",
+    "certificate_sha256",
+    "check_kit",
+    "format_sha256",
+    "parse_sha256",
+]
 
 EXPIRY_WARNING_DAYS = 30
-_STARTUP_FILES = ("fed_client.json", "client.crt", "client.key", "rootCA.pem", "sub_start.sh")
+ROOT_CA_FILE = "rootCA.pem"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_STARTUP_FILES = ("fed_client.json", "client.crt", "client.key", ROOT_CA_FILE, "sub_start.sh")
 
 
 class Outcome(StrEnum):
@@ -60,6 +77,78 @@ def _completeness(kit: Path) -> CheckResult:
     return CheckResult("kit complete", Outcome.PASS, f"all files FLARE and fedseg need in {kit}")
 
 
+def certificate_sha256(pem_path: Path | str) -> str:
+    """sha256 (lower-case hex) of the DER encoding of the certificate in ``pem_path``; the same
+    value as ``openssl x509 -in FILE -outform DER | sha256sum``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it holds no PEM certificate.
+    """
+    certificate = x509.load_pem_x509_certificate(Path(pem_path).read_bytes())
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def parse_sha256(text: str) -> str:
+    """A sha256 fingerprint as typed or read out: hex, with or without colons or spaces, any
+    case. Returns 64 lower-case hex digits.
+
+    Raises:
+        ValueError: not 64 hex digits once colons and spaces are removed.
+    """
+    digits = re.sub(r"[\s:]", "", text).lower()
+    if not _SHA256_HEX.match(digits):
+        raise ValueError(
+            f"expected a sha256 fingerprint (64 hex digits, colons allowed), got {text!r}; copy "
+            "the root CA fingerprint `fedseg provision` printed for the project admin"
+        )
+    return digits
+
+
+def format_sha256(digits: str) -> str:
+    """``ab12…`` -> ``AB:12:…``, the form openssl prints and people read out."""
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2)).upper()
+
+
+def _root_ca(kit: Path, expected_sha256: str | None) -> CheckResult:
+    path = kit / "startup" / ROOT_CA_FILE
+    try:
+        actual = certificate_sha256(path)
+    except (OSError, ValueError) as error:
+        return CheckResult(
+            "root CA",
+            Outcome.FAIL,
+            f"cannot read startup/{ROOT_CA_FILE} ({error})",
+            "reinstall the kit the project admin sent",
+        )
+    if expected_sha256 is None:
+        return CheckResult(
+            "root CA",
+            Outcome.WARN,
+            f"not anchored: startup/{ROOT_CA_FILE} (sha256 {format_sha256(actual)}) was not "
+            "compared with the project's root CA, so a kit whose CA was replaced and startup/ "
+            "re-signed would pass every other check",
+            "ask the project admin for the root CA sha256 fingerprint that `fedseg provision` "
+            "printed, by phone or another channel than the kit, and run again with "
+            "--root-ca-sha256 FINGERPRINT",
+        )
+    if actual != expected_sha256:
+        return CheckResult(
+            "root CA",
+            Outcome.FAIL,
+            f"startup/{ROOT_CA_FILE} has sha256 {format_sha256(actual)}, the project's root CA "
+            f"has {format_sha256(expected_sha256)}: this kit's CA was replaced (or the kit is "
+            "from another project), so its signature proves nothing",
+            "do not start this kit; get the original from the project admin and check the "
+            "fingerprint with them by phone",
+        )
+    return CheckResult(
+        "root CA",
+        Outcome.PASS,
+        f"startup/{ROOT_CA_FILE} is the project's root CA (sha256 {format_sha256(actual)})",
+    )
+
+
 def _signature(kit: Path) -> CheckResult:
     from nvflare.lighter.constants import ProvFileName
     from nvflare.lighter.utils import verify_folder_signature
@@ -68,13 +157,15 @@ def _signature(kit: Path) -> CheckResult:
     if not (startup / ProvFileName.SIGNATURE_JSON).is_file():
         return CheckResult(
             "kit signature",
-            Outcome.WARN,
-            "startup/ is not signed, so changes to it cannot be detected",
-            "ask the project admin for a kit made by `fedseg provision` (it signs startup/)",
+            Outcome.FAIL,
+            f"startup/{ProvFileName.SIGNATURE_JSON} is missing: startup/ is not signed, so a "
+            "change to it (server address, certificates) cannot be detected",
+            "reinstall the kit the project admin sent (`fedseg provision` signs startup/); "
+            "never delete signature.json",
         )
     if not verify_folder_signature(
         str(startup),
-        str(startup / "rootCA.pem"),
+        str(startup / ROOT_CA_FILE),
         single_signer=True,
         signature_file=ProvFileName.SIGNATURE_JSON,
     ):
@@ -84,13 +175,17 @@ def _signature(kit: Path) -> CheckResult:
             "startup/ was changed after provisioning (a file differs from its signature)",
             "reinstall the kit from the project admin's original; FLARE will refuse to start it",
         )
-    return CheckResult("kit signature", Outcome.PASS, "startup/ matches the provisioning signature")
+    return CheckResult(
+        "kit signature",
+        Outcome.PASS,
+        f"startup/ matches its provisioning signature under startup/{ROOT_CA_FILE}",
+    )
 
 
 def _certificate(kit: Path, now: datetime) -> CheckResult:
     try:
         cert = x509.load_pem_x509_certificate((kit / "startup" / "client.crt").read_bytes())
-        root = x509.load_pem_x509_certificate((kit / "startup" / "rootCA.pem").read_bytes())
+        root = x509.load_pem_x509_certificate((kit / "startup" / ROOT_CA_FILE).read_bytes())
     except (OSError, ValueError) as error:
         return CheckResult(
             "certificate", Outcome.FAIL, f"cannot read the certificates ({error})", "reinstall"
@@ -262,12 +357,23 @@ def _ledger(kit: Path, config) -> CheckResult:
 def check_kit(
     kit: Path | str,
     *,
+    root_ca_sha256: str | None = None,
     timeout_s: float = 3.0,
     now: datetime | None = None,
     on_result: Callable[[CheckResult], None] | None = None,
 ) -> list[CheckResult]:
-    """Every preflight check of a site's startup kit, in order; stops after a broken kit."""
+    """Every preflight check of a site's startup kit, in order; stops after a broken kit.
+
+    Args:
+        root_ca_sha256: the project's root CA fingerprint (``parse_sha256`` forms), given to the
+            site admin by another channel than the kit. Without it the root CA check warns: the
+            signature then only shows that startup/ agrees with the kit's own CA.
+
+    Raises:
+        ValueError: ``root_ca_sha256`` is not a sha256 fingerprint.
+    """
     kit = Path(kit)
+    expected = None if root_ca_sha256 is None else parse_sha256(root_ca_sha256)
     results: list[CheckResult] = []
 
     def record(result: CheckResult) -> None:
@@ -281,6 +387,7 @@ def check_kit(
     record(_completeness(kit))
     if results[-1].outcome is Outcome.FAIL:
         return results
+    record(_root_ca(kit, expected))
     record(_signature(kit))
     record(_certificate(kit, now or datetime.now(UTC)))
     record(_server_address(kit, timeout_s))

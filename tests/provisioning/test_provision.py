@@ -1,16 +1,24 @@
 """FLARE provisioning with fedseg's builders, and the site kit preflight (no processes)."""
 
+import hashlib
 import json
 import shutil
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from nvflare.lighter.constants import ProvFileName
+from nvflare.lighter.utils import sign_folders
 
 from provisioning.builders import AUTHORIZATION
 from provisioning.provision import ProvisioningError, provision, template_text
-from site_app.kit_check import Outcome, check_kit
+from site_app.kit_check import Outcome, check_kit, format_sha256
 from site_app.site_config import load_site_config
 
 
@@ -112,6 +120,27 @@ def test_bad_project_files_are_refused_naming_the_problem(tmp_path, edit, expect
         provision(_project(tmp_path, edit), tmp_path / "kits")
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_private_keys_and_their_folders_are_owner_only(federation):
+    state = federation.kits_dir.parent / "state"
+    assert (_mode(state), _mode(state / "cert.json")) == (0o700, 0o600)
+    keys = sorted(federation.kits_dir.rglob("*.key"))
+    assert len(keys) == 1 + len(federation.sites) + len(federation.admins)
+    for key in keys:
+        assert (_mode(key), _mode(key.parent)) == (0o600, 0o700), key
+    assert not [p for p in federation.kits_dir.parent.rglob("rootCA.key") if _mode(p) != 0o600]
+
+
+def test_the_root_ca_fingerprint_is_the_sha256_of_the_projects_root_certificate(federation):
+    cert_json = json.loads((federation.kits_dir.parent / "state" / "cert.json").read_text())
+    root = x509.load_pem_x509_certificate(cert_json["root_cert"].encode())
+    expected = hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert federation.root_ca_sha256 == expected
+
+
 def test_a_missing_project_file_says_how_to_make_one(tmp_path):
     with pytest.raises(ProvisioningError, match="--write-template"):
         provision(tmp_path / "nope.yml", tmp_path / "kits")
@@ -136,15 +165,106 @@ def _outcomes(results):
     return {result.item: result for result in results}
 
 
-def test_a_fresh_kit_passes_everything_but_the_unreachable_server(site_kit):
-    results = _outcomes(check_kit(site_kit, timeout_s=0.5))
-    for item in ("kit complete", "kit signature", "certificate", "data", "privacy policy"):
+def test_a_fresh_kit_passes_everything_but_the_unreachable_server(site_kit, federation):
+    fingerprint = format_sha256(federation.root_ca_sha256).lower()  # as read out: colons
+    results = _outcomes(check_kit(site_kit, root_ca_sha256=fingerprint, timeout_s=0.5))
+    items = ("kit complete", "root CA", "kit signature", "certificate", "data", "privacy policy")
+    for item in items:
         assert results[item].outcome is Outcome.PASS, results[item]
     assert "3 usable patient(s)" in results["data"].detail
     # Nothing listens on the template's port here: the check names host, port and the fix.
     assert results["server address"].outcome is Outcome.FAIL
     assert "localhost:8002" in results["server address"].detail
     assert "budget left 20" in results["epsilon ledger"].detail
+
+
+def test_without_the_fingerprint_the_root_ca_is_a_warning_saying_how_to_anchor_it(site_kit):
+    result = _outcomes(check_kit(site_kit, timeout_s=0.5))["root CA"]
+    assert result.outcome is Outcome.WARN and "not anchored" in result.detail
+    assert "--root-ca-sha256" in result.fix and "fedseg provision" in result.fix
+
+
+def test_a_deleted_signature_fails(site_kit):
+    (site_kit / "startup" / ProvFileName.SIGNATURE_JSON).unlink()
+    result = _outcomes(check_kit(site_kit, timeout_s=0.5))["kit signature"]
+    assert result.outcome is Outcome.FAIL and "signature.json is missing" in result.detail
+
+
+def _ca(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def _issue(ca_key, ca_cert: x509.Certificate, common_name: str):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=365))
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def _pem(item) -> bytes:
+    if isinstance(item, x509.Certificate):
+        return item.public_bytes(serialization.Encoding.PEM)
+    return item.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def test_a_kit_re_signed_under_a_swapped_root_ca_fails_only_against_the_fingerprint(
+    site_kit, federation
+):
+    """The attack: whoever can write the kit on its way replaces the root CA, issues the site a
+    new certificate, points it at their own server (which mTLS would now trust) and re-signs
+    startup/ with FLARE's own signing. Every check that trusts the kit's own rootCA.pem
+    passes; only the fingerprint the project admin gave by phone catches it."""
+    startup = site_kit / "startup"
+    ca_key, ca_cert = _ca("fedseg_federation")
+    client_key, client_cert = _issue(ca_key, ca_cert, "site-1")
+    (startup / "rootCA.pem").write_bytes(_pem(ca_cert))
+    (startup / "client.crt").write_bytes(_pem(client_cert))
+    (startup / "client.key").write_bytes(_pem(client_key))
+    config = json.loads((startup / "fed_client.json").read_text())
+    config["servers"][0]["service"]["target"] = "attacker.example.org:8002"
+    (startup / "fed_client.json").write_text(json.dumps(config))
+    sign_folders(str(startup), ca_key, signature_file=ProvFileName.SIGNATURE_JSON)
+
+    self_check = _outcomes(check_kit(site_kit, timeout_s=0.5))
+    assert self_check["kit signature"].outcome is Outcome.PASS  # consistent, and meaningless
+    assert self_check["certificate"].outcome is Outcome.PASS
+    assert self_check["root CA"].outcome is Outcome.WARN
+
+    anchored = _outcomes(
+        check_kit(site_kit, root_ca_sha256=federation.root_ca_sha256, timeout_s=0.5)
+    )
+    result = anchored["root CA"]
+    assert result.outcome is Outcome.FAIL and "replaced" in result.detail
+    forged = hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert format_sha256(forged) in result.detail
+    assert format_sha256(federation.root_ca_sha256) in result.detail
 
 
 def test_an_altered_startup_file_is_caught(site_kit):
@@ -194,7 +314,17 @@ def test_provision_commands_write_a_template_and_kits_or_name_the_problem(tmp_pa
     assert main(["provision", "--write-template", str(template)]) == 0
     assert main(["provision", "--write-template", str(template)]) == 2  # never overwritten
     assert main(["provision", "--project", str(template), "--out", str(tmp_path / "kits")]) == 0
-    assert "researcher@hospital-a.org" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "researcher@hospital-a.org" in out
+    fingerprint = next(line for line in out.splitlines() if line.startswith("root CA sha256"))
+    kit = next((tmp_path / "kits").glob("*/prod_00/site-1"))
+    expected = hashlib.sha256(
+        x509.load_pem_x509_certificate((kit / "startup" / "rootCA.pem").read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+    ).hexdigest()
+    assert fingerprint == f"root CA sha256: {format_sha256(expected)}"
+    assert "by phone" in out
     template.write_text(template.read_text().replace("role: lead", "role: boss"))
     assert main(["provision", "--project", str(template), "--out", str(tmp_path / "k2")]) == 2
     assert "role must be one of" in capsys.readouterr().err
@@ -205,6 +335,24 @@ def test_site_check_kit_exits_1_and_names_what_to_fix(site_kit, capsys):
 
     assert main(["site", "check", "--kit", str(site_kit)]) == 1
     captured = capsys.readouterr()
-    assert "pass kit signature" in captured.out
+    assert "pass kit signature" in captured.out and "warn root CA: not anchored" in captured.out
     assert "fail server address" in captured.out and "fix:" in captured.out
     assert "not ready" in captured.err and "server address" in captured.err
+
+
+def test_site_check_kit_takes_the_fingerprint_in_any_case_with_or_without_colons(
+    site_kit, federation, capsys
+):
+    from fedseg.cli import main
+
+    argv = ["site", "check", "--kit", str(site_kit), "--root-ca-sha256"]
+    for given in (federation.root_ca_sha256.upper(), format_sha256(federation.root_ca_sha256)):
+        main([*argv, given])
+        assert "pass root CA" in capsys.readouterr().out
+    main([*argv, "00" * 32])
+    captured = capsys.readouterr()
+    assert "fail root CA" in captured.out and format_sha256("00" * 32) in captured.out
+    assert "root CA" in captured.err
+    with pytest.raises(SystemExit):
+        main([*argv, "not-a-fingerprint"])
+    assert "64 hex digits" in capsys.readouterr().err
