@@ -355,37 +355,46 @@ def _report(args: argparse.Namespace) -> None:
         raise _UserError(str(error)) from None
     _print_table(final_table(report))
     files = ["report.md", "report.json", "model_card.md", *report["plots"]]
-    console.print(f"rebuilt in {results}: {', '.join(files)}")
+    console.print(f"rebuilt in {results}: {', '.join(files)}", markup=False)
 
 
 def _model_verify(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec
-    from server_app.model_manifest import ManifestError, verify_model
+    from server_app.model_manifest import ManifestError, trust_anchor_from_kit, verify_model
 
     spec = load_spec(args.spec).to_plain() if args.spec else None
+    root_ca, signer_name = (Path(args.root_ca) if args.root_ca else None), args.signer
     try:
-        result = verify_model(
-            Path(args.model),
-            root_ca=Path(args.root_ca) if args.root_ca else None,
-            signer_name=args.signer,
-            spec=spec,
-        )
+        if args.kit:
+            root_ca, server = trust_anchor_from_kit(Path(args.kit))
+            signer_name = signer_name or server
+        result = verify_model(Path(args.model), root_ca=root_ca, signer_name=signer_name, spec=spec)
     except ManifestError as error:
         raise _UserError(str(error)) from None
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", markup=True)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    model = escape(args.model)
     if not result.ok:
-        error_console.print(f"[red]FAILED[/red]: {args.model} does not match its signed manifest:")
+        error_console.print(f"[red]FAILED[/red]: {model} could not be verified:")
         for problem in result.problems:
             error_console.print(f"  - {problem}", markup=False)
         return 1
     manifest = result.manifest
-    signer = manifest["signer"]
+    facts = escape(
+        f"sha256 {manifest.get('model_sha256')}, job '{manifest.get('job')}', "
+        f"{manifest.get('rounds_completed')} round(s), sites "
+        f"{', '.join(map(str, manifest.get('contributing_sites') or [])) or 'none'}, "
+        f"signed {manifest.get('created_utc')}"
+    )
+    if result.verified_signer is None:  # a simulation signature: anyone could have made it
+        console.print(
+            f"[yellow]integrity only[/yellow] {model}: unchanged since signing ({facts}), but "
+            "with a SIMULATION signature, a throwaway key: it does not show who made the model"
+        )
+        return 0
     console.print(
-        f"[green]verified[/green] {args.model}: sha256 {manifest['model_sha256']}, job "
-        f"'{manifest['job']}', {manifest['rounds_completed']} round(s), sites "
-        f"{', '.join(manifest['contributing_sites']) or 'none'}, signed {manifest['created_utc']}"
-        f" by '{signer['subject']}' ({signer['kind']})"
+        f"[green]verified[/green] {model}: {facts} by the federation's server "
+        f"'{escape(result.verified_signer)}' (certified by {escape(str(root_ca))})"
     )
     return 0
 
@@ -567,8 +576,20 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check a model file against its signed manifest (exit 1 on any change)"
     )
     verify.add_argument("model", help="the model file, e.g. RESULTS/models/final_model.pt")
-    verify.add_argument("--root-ca", help="rootCA.pem from the federation's startup kit")
-    verify.add_argument("--signer", help="require this signer (the server's name in project.yml)")
+    anchor = verify.add_mutually_exclusive_group()
+    anchor.add_argument(
+        "--kit",
+        help="a startup kit of the federation you hold (site, admin or server): its rootCA.pem "
+        "and the server's name it connects to",
+    )
+    anchor.add_argument(
+        "--root-ca", help="rootCA.pem from the federation's startup kit (needs --signer)"
+    )
+    verify.add_argument(
+        "--signer",
+        help="require this signer (the server's name in project.yml; default with --kit: the "
+        "kit's server)",
+    )
     verify.add_argument("--spec", help="also require that the model was trained with this spec")
     verify.set_defaults(handler=_model_verify)
 

@@ -7,6 +7,10 @@ rounds; creation time, UTC; the signer's certificate) and ``final_model.manifest
 kit's ``server.key`` (its ``server.crt`` is embedded, and chains to the kit's ``rootCA.pem``); the
 simulator has no kit and signs with a throwaway key and a self-signed certificate marked
 "simulation", which proves the files are unchanged since signing but not who signed them.
+
+Verification fails closed: a provisioned signature counts only when checked against the
+federation's root CA *and* the server's name (FLARE certifies sites and admins with the same
+root), both of which any startup kit of the federation supplies (``trust_anchor_from_kit``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "manifest_paths",
     "simulation_signer",
     "spec_sha256",
+    "trust_anchor_from_kit",
     "verify_model",
     "write_signed_manifest",
 ]
@@ -49,6 +54,8 @@ CODE_PACKAGES = ("jobs", "server_app", "site_app")
 SERVER_KEY, SERVER_CERT, ROOT_CA = "server.key", "server.crt", "rootCA.pem"
 """File names FLARE's provisioning writes into the server's ``startup/`` folder."""
 SIMULATION_SUBJECT = "fedseg simulation signer (not a provisioned identity)"
+CLIENT_CONFIG, ADMIN_CONFIG = "fed_client.json", "fed_admin.json"
+"""A site kit's and an admin kit's FLARE connection files; both name the server they trust."""
 
 
 class ManifestError(Exception):
@@ -235,10 +242,19 @@ class Verification:
     manifest: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    checked_signer: str | None = None
+    """The server name the certificate was required to carry, under a given root CA."""
 
     @property
     def ok(self) -> bool:
+        """Nothing differs. For a simulation signature that is integrity only: see
+        ``verified_signer`` for who signed."""
         return not self.problems
+
+    @property
+    def verified_signer(self) -> str | None:
+        """The participant proven to have signed (root CA and name both checked), else None."""
+        return self.checked_signer if self.ok and not self.simulation else None
 
     @property
     def simulation(self) -> bool:
@@ -263,6 +279,52 @@ def _read_inputs(model_path: Path) -> tuple[bytes, bytes]:
     except ValueError:
         raise ManifestError(f"{signature_path}: not a base64 signature") from None
     return manifest_path.read_bytes(), signature
+
+
+def trust_anchor_from_kit(kit: Path | str) -> tuple[Path, str]:
+    """(root CA file, server name) from any FLARE startup kit of the federation.
+
+    A site kit names its server in ``startup/fed_client.json`` (``servers[0].identity``), an
+    admin kit in ``startup/fed_admin.json`` (``admin.server_identity``), the server's own kit in
+    the common name of ``startup/server.crt``. Use a kit you hold yourself (and have checked with
+    ``fedseg site check --kit KIT --root-ca-sha256 ...``), not one that came with the model.
+
+    Raises:
+        ManifestError: the folder is not a startup kit, or names no server.
+    """
+    startup = Path(kit) / "startup"
+    root_ca = startup / ROOT_CA
+    if not root_ca.is_file():
+        raise ManifestError(
+            f"{kit}: not a FLARE startup kit (no startup/{ROOT_CA}); pass the folder of a kit "
+            "of this federation (a site's, an admin's or the server's)"
+        )
+    try:
+        if (startup / CLIENT_CONFIG).is_file():
+            config = json.loads((startup / CLIENT_CONFIG).read_text())
+            name, where = config["servers"][0]["identity"], f"{CLIENT_CONFIG} servers[0].identity"
+        elif (startup / ADMIN_CONFIG).is_file():
+            config = json.loads((startup / ADMIN_CONFIG).read_text())
+            name, where = (
+                config["admin"]["server_identity"],
+                f"{ADMIN_CONFIG} admin.server_identity",
+            )
+        elif (startup / SERVER_CERT).is_file():
+            certificate = x509.load_pem_x509_certificate((startup / SERVER_CERT).read_bytes())
+            name, where = _subject(certificate), f"{SERVER_CERT} common name"
+        else:
+            raise ManifestError(
+                f"{kit}: startup/ holds none of {CLIENT_CONFIG}, {ADMIN_CONFIG} or {SERVER_CERT}, "
+                "so it does not say which participant is the server; pass a whole kit"
+            )
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise ManifestError(
+            f"{startup}: cannot read the server's name ({type(error).__name__}: {error}); "
+            "reinstall the kit"
+        ) from None
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{startup}: {where} is empty; reinstall the kit")
+    return root_ca, name
 
 
 def _check_chain(certificate: x509.Certificate, root_ca: Path, created: str | None) -> list[str]:
@@ -308,10 +370,20 @@ def verify_model(
     Checks, in order: the signature over the manifest's bytes, with the embedded certificate's
     key; the sha256 of the model file; with ``root_ca``, that the certificate was issued by that
     root CA and was valid when the manifest says it was signed; with ``signer_name``, that the
-    certificate names that participant (FLARE certifies sites and admins with the same root CA
-    as the server, so only the name tells the server apart); with ``spec`` (plain data), that it
-    is the spec the model was trained with. A difference between the code that made the model
-    and the fedseg code installed here is a note, not a problem.
+    certificate names that participant; with ``spec`` (plain data), that it is the spec the
+    model was trained with. A difference between the code that made the model and the fedseg
+    code installed here is a note, not a problem.
+
+    Fails closed: a manifest signed by a provisioned identity is a problem without ``root_ca``
+    (its embedded certificate alone proves nothing: anyone can make one), and ``root_ca``
+    without ``signer_name`` is one too (FLARE certifies sites and admins with the same root CA
+    as the server, so only the name tells the server apart). ``trust_anchor_from_kit`` gives
+    both. A simulation signature passes without them, for integrity only: ``verified_signer``
+    stays None and a note says so.
+
+    Args:
+        root_ca: the federation's ``rootCA.pem``, from a startup kit the caller trusts.
+        signer_name: the participant that must have signed, normally the server's name.
 
     Raises:
         ManifestError: a file is missing or unreadable (nothing could be checked).
@@ -346,12 +418,33 @@ def verify_model(
             f"weights: sha256 of {model_path.name} is {actual}, the manifest says "
             f"{manifest.get('model_sha256')}; the model file was changed after signing"
         )
+    kind = (manifest.get("signer") or {}).get("kind")
+    if kind not in {k.value for k in SignerKind}:
+        result.problems.append(
+            f"signer: kind {kind!r} is neither {SignerKind.PROVISIONED.value!r} nor "
+            f"{SignerKind.SIMULATION.value!r}; the manifest was not written by fedseg"
+        )
     if root_ca is not None:
         result.problems += _check_chain(certificate, root_ca, manifest.get("created_utc"))
-    if signer_name is not None and _subject(certificate) != signer_name:
+    elif kind != SignerKind.SIMULATION.value:
         result.problems.append(
-            f"certificate: the manifest was signed by '{_subject(certificate)}', not by "
-            f"'{signer_name}'"
+            f"signer: the manifest says a provisioned participant ('{_subject(certificate)}') "
+            "signed it, but no root CA was given, and a certificate embedded in the manifest "
+            "proves nothing on its own; pass --kit KIT (a startup kit of the federation) or "
+            "--root-ca rootCA.pem --signer SERVER"
+        )
+    if signer_name is not None:
+        result.checked_signer = signer_name
+        if _subject(certificate) != signer_name:
+            result.problems.append(
+                f"certificate: the manifest was signed by '{_subject(certificate)}', not by "
+                f"'{signer_name}'"
+            )
+    elif root_ca is not None:
+        result.problems.append(
+            f"signer: signed by '{_subject(certificate)}', but without the server's name the "
+            "check cannot tell the server from a site or an admin (FLARE certifies all of them "
+            "with the same root CA); pass --kit KIT, or --signer SERVER with --root-ca"
         )
     if spec is not None and spec_sha256(spec) != manifest.get("spec_sha256"):
         result.problems.append(
@@ -362,17 +455,6 @@ def verify_model(
         result.notes.append(
             "simulation signature: a throwaway key made by the simulator; it shows the files are "
             "unchanged since signing, not which server signed them"
-        )
-    elif root_ca is None:
-        result.notes.append(
-            "the signer's certificate was not checked against a root CA (pass --root-ca "
-            "rootCA.pem from the federation's startup kit to check who signed)"
-        )
-    elif signer_name is None:
-        result.notes.append(
-            f"signed by '{_subject(certificate)}', certified by the root CA; sites and admins "
-            "hold certificates from the same root, so pass --signer <server name> to require "
-            "the server"
         )
     try:
         if manifest.get("code_sha256") != code_sha256():

@@ -20,6 +20,7 @@ from server_app.model_manifest import (
     load_provisioned_signer,
     manifest_paths,
     simulation_signer,
+    trust_anchor_from_kit,
     verify_model,
     write_signed_manifest,
 )
@@ -95,15 +96,52 @@ def test_manifest_records_hashes_sites_epsilon_and_the_signer(kits, tmp_path):
 
 def test_a_provisioned_signature_verifies_against_the_kits_root_ca(kits, tmp_path):
     model = _signed_model(tmp_path, load_provisioned_signer(kits[0] / "server1" / "startup"))
-    result = verify_model(
-        model, root_ca=kits[0] / "site-1" / "startup" / "rootCA.pem", signer_name="server1"
-    )
+    anchor = {"root_ca": kits[0] / "site-1" / "startup" / "rootCA.pem", "signer_name": "server1"}
+    result = verify_model(model, **anchor)
     assert result.ok, result.problems
-    assert not result.simulation
-    assert verify_model(model, spec=SPEC).ok
-    assert (
-        "spec" in verify_model(model, spec=tiny_spec(training={"lr": 0.5}).to_plain()).problems[0]
+    assert not result.simulation and result.verified_signer == "server1"
+    assert verify_model(model, spec=SPEC, **anchor).ok
+    other_spec = tiny_spec(training={"lr": 0.5}).to_plain()
+    assert "spec" in verify_model(model, spec=other_spec, **anchor).problems[0]
+
+
+@pytest.mark.parametrize("kit", ["site-1", "admin@h.org", "server1"])
+def test_any_kit_of_the_federation_names_its_root_ca_and_server(kits, kit):
+    root_ca, server = trust_anchor_from_kit(kits[0] / kit)
+    assert (root_ca, server) == (kits[0] / kit / "startup" / "rootCA.pem", "server1")
+
+
+def test_a_folder_that_is_not_a_kit_is_named(tmp_path):
+    with pytest.raises(ManifestError, match="not a FLARE startup kit"):
+        trust_anchor_from_kit(tmp_path)
+
+
+def test_a_provisioned_manifest_without_a_root_ca_fails_closed(kits, tmp_path):
+    """The embedded certificate alone proves nothing: anyone can make one named 'server1'."""
+    model = _signed_model(tmp_path, load_provisioned_signer(kits[0] / "server1" / "startup"))
+    result = verify_model(model)
+    assert not result.ok and result.verified_signer is None
+    assert len(result.problems) == 1 and "pass --kit KIT" in result.problems[0]
+    assert "--root-ca" in result.problems[0]
+
+
+def test_a_manifest_forged_with_a_sites_key_fails_against_the_root_ca(kits, tmp_path):
+    """A site's certificate comes from the same root as the server's: with the root CA and no
+    server name, the check cannot tell them apart, so it fails; the kit supplies the name."""
+    site = kits[0] / "site-1" / "startup"
+    site_signer = Signer(
+        private_key=serialization.load_pem_private_key(
+            (site / "client.key").read_bytes(), password=None
+        ),
+        certificate=x509.load_pem_x509_certificate((site / "client.crt").read_bytes()),
+        kind=SignerKind.PROVISIONED,
     )
+    forged = _signed_model(tmp_path, site_signer)
+    problems = verify_model(forged, root_ca=site / "rootCA.pem").problems
+    assert len(problems) == 1 and "cannot tell the server from a site" in problems[0]
+    root_ca, server = trust_anchor_from_kit(kits[0] / "site-1")
+    problems = verify_model(forged, root_ca=root_ca, signer_name=server).problems
+    assert problems == ["certificate: the manifest was signed by 'site-1', not by 'server1'"]
 
 
 def test_a_startup_folder_without_server_keys_gives_no_signer(tmp_path):
@@ -152,34 +190,21 @@ def test_a_swapped_certificate_is_detected(kits, tmp_path):
     assert len(problems) == 1 and problems[0].startswith("signature:")
 
 
-def test_a_re_signed_manifest_passes_alone_but_not_against_the_root_ca_or_signer(kits, tmp_path):
-    """Whoever re-signs with their own key makes a self-consistent manifest: only the root CA
-    (another federation's server) or the signer name (a site of ours) catches it."""
+def test_a_manifest_signed_by_another_federations_server_fails_against_our_root_ca(kits, tmp_path):
+    """Whoever re-signs with their own provisioned key makes a self-consistent manifest, even
+    naming our server: only our root CA catches it."""
     ours, other = kits
-    root_ca = ours / "server1" / "startup" / "rootCA.pem"
-    foreign = _signed_model(tmp_path / "a", load_provisioned_signer(other / "server1" / "startup"))
-    assert verify_model(foreign).ok
-    problems = verify_model(foreign, root_ca=root_ca).problems
+    foreign = _signed_model(tmp_path, load_provisioned_signer(other / "server1" / "startup"))
+    assert not verify_model(foreign).ok
+    root_ca, server = trust_anchor_from_kit(ours / "site-1")
+    problems = verify_model(foreign, root_ca=root_ca, signer_name=server).problems
     assert len(problems) == 1 and "not issued by the root CA" in problems[0]
-
-    site = ours / "site-1" / "startup"
-    site_signer = Signer(
-        private_key=serialization.load_pem_private_key(
-            (site / "client.key").read_bytes(), password=None
-        ),
-        certificate=x509.load_pem_x509_certificate((site / "client.crt").read_bytes()),
-        kind=SignerKind.PROVISIONED,
-    )
-    by_site = _signed_model(tmp_path / "b", site_signer)
-    assert verify_model(by_site, root_ca=root_ca).ok  # the site is certified by the same root
-    problems = verify_model(by_site, root_ca=root_ca, signer_name="server1").problems
-    assert problems == ["certificate: the manifest was signed by 'site-1', not by 'server1'"]
 
 
 def test_a_simulation_signature_says_so_and_fails_against_a_root_ca(kits, tmp_path):
     model = _signed_model(tmp_path, simulation_signer())
     result = verify_model(model)
-    assert result.ok and result.simulation
+    assert result.ok and result.simulation and result.verified_signer is None
     assert any(note.startswith("simulation signature") for note in result.notes)
     assert not verify_model(model, root_ca=kits[0] / "server1" / "startup" / "rootCA.pem").ok
 
@@ -189,9 +214,22 @@ def test_verify_command_exit_codes(kits, tmp_path, capsys):
     root_ca = str(kits[0] / "server1" / "startup" / "rootCA.pem")
     assert main(["model", "verify", str(model), "--root-ca", root_ca, "--signer", "server1"]) == 0
     assert "verified" in capsys.readouterr().out
+    assert main(["model", "verify", str(model), "--kit", str(kits[0] / "site-1")]) == 0
+    assert "by the federation's server 'server1'" in capsys.readouterr().out
+    assert main(["model", "verify", str(model)]) == 1
+    assert "pass --kit KIT" in capsys.readouterr().err
+    assert main(["model", "verify", str(model), "--root-ca", root_ca]) == 1
+    assert "cannot tell the server from a site" in capsys.readouterr().err
     model.write_bytes(model.read_bytes() + b"\0")
     assert main(["model", "verify", str(model)]) == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "weights: sha256 of final_model.pt" in err
     assert main(["model", "verify", str(tmp_path / "missing.pt")]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_verify_command_says_a_simulation_signature_is_integrity_only(tmp_path, capsys):
+    model = _signed_model(tmp_path, simulation_signer())
+    assert main(["model", "verify", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "integrity only" in out and "SIMULATION signature" in out and "verified" not in out
