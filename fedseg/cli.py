@@ -292,9 +292,11 @@ def _site_ledger(args: argparse.Namespace) -> int:
 def _site_import(args: argparse.Namespace) -> None:
     from site_app.pacs_import import (
         DicomwebSource,
+        ImportLimits,
         PacsImportError,
         StudySelection,
         import_from_dicomweb,
+        limit_flags,
     )
 
     try:
@@ -304,10 +306,21 @@ def _site_import(args: argparse.Namespace) -> None:
             password_env=args.password_env,
             ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
             timeout_s=args.timeout,
+            allow_insecure_http=args.allow_insecure_http,
         )
         selection = StudySelection(study_uids=tuple(args.study), modality=args.modality)
+        given = {
+            name: getattr(args, flag.removeprefix("--").replace("-", "_")) * unit
+            for name, (flag, unit) in limit_flags().items()
+            if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None
+        }
         summary = import_from_dicomweb(
-            source, Path(args.out), selection=selection, limit=args.max_instances, progress=True
+            source,
+            Path(args.out),
+            selection=selection,
+            limit=args.max_instances,
+            limits=ImportLimits(**given),
+            progress=True,
         )
     except PacsImportError as error:
         raise _UserError(str(error)) from None
@@ -558,6 +571,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fetch at most N instances in this run (import in batches)",
     )
+    pacs.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="allow --username over plain http to another machine (the password crosses the "
+        "network in clear); only for a link protected otherwise, e.g. a VPN",
+    )
+    caps = pacs.add_argument_group(
+        "limits on what the PACS may send (past one the import stops; files written stay)"
+    )
+    for flag, metavar, default, text in (
+        ("--max-search-pages", "N", "1000", "pages of one search"),
+        ("--max-listed-instances", "N", "500000", "instances the selected studies list"),
+        ("--max-search-answer-mb", "MB", "64", "one search answer, decoded"),
+        ("--max-instance-mb", "MB", "1024", "one instance as received"),
+        ("--max-decompressed-mb", "MB", "2048", "one instance's pixel data or inflated dataset"),
+        ("--max-run-gb", "GB", "500", "everything this run receives"),
+    ):
+        caps.add_argument(
+            flag, type=_int_at_least(1), metavar=metavar, help=f"{text} (default {default})"
+        )
     pacs.set_defaults(handler=_site_import)
 
     from fedseg import deploy_cli

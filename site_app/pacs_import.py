@@ -1,8 +1,14 @@
 """Import studies from a PACS over DICOMweb (QIDO-RS search, WADO-RS retrieve) into a data folder.
 
-The plan (what to fetch, where each instance goes) is pure; HTTP through dicomweb-client and
-atomic file writes sit at the edges. Folder and file names are hashes of UIDs, and nothing here
-logs a UID, a patient name or ID: log lines and errors carry counts, hashes and the server URL.
+The plan (what to fetch, where each instance goes) is pure; HTTP (searches through
+dicomweb-client, retrieval read part by part here) and atomic file writes sit at the edges.
+Folder and file names are hashes of UIDs, and nothing here logs a UID, a patient name or ID: log
+lines and errors carry counts, hashes and the server URL.
+
+The server is not trusted: every UID it sends must follow the DICOM UID grammar before it goes
+into a URL, and what one run accepts is capped (`ImportLimits`): search pages, listed instances,
+bytes of a search answer, of one instance and of the whole run, and the decompressed size of an
+instance. Past a cap the run stops with an error naming it; files written before stay.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import logging
 import os
 import re
 import tempfile
+import time
 import warnings
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,9 +34,9 @@ from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom import dcmwrite
-from pydicom.dataset import Dataset
-from pydicom.uid import RE_VALID_UID
+from pydicom import dcmread
+from pydicom.filereader import read_dataset
+from pydicom.uid import RE_VALID_UID, DeflatedExplicitVRLittleEndian
 from requests.adapters import HTTPAdapter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,12 +45,15 @@ from site_app.dicom_series import SliceHeader, read_header, series_key
 
 __all__ = [
     "DicomwebSource",
+    "ImportLimits",
     "ImportSummary",
     "InstanceRef",
     "PacsImportError",
     "StudySelection",
     "import_from_dicomweb",
+    "is_dicom_uid",
     "journal_path",
+    "limit_flags",
     "plan_fetches",
 ]
 
@@ -53,12 +64,29 @@ JOURNAL_SUFFIX = ".fedseg-import.jsonl"
 file under the data folder, and a JSON file there would be quarantined as not DICOM."""
 PARTIAL_PREFIX = ".fedseg-partial-"
 """Name prefix of a file still being written; only ever renamed into place once complete."""
-AS_STORED = (("application/dicom", "*"),)
-"""WADO-RS media type: every transfer syntax, so the server sends files as stored (no
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+"""WADO-RS Accept header: every transfer syntax, so the server sends files as stored (no
 transcoding) and the bytes on disk are the PACS's own."""
 CONNECT_TIMEOUT_S = 10.0
+MAX_UID_LENGTH = 64
+MAX_SEARCH_PAGES = 1_000
+"""Pages of one QIDO-RS search (a PACS answers ~100 results a page: 100,000 studies)."""
+MAX_LISTED_INSTANCES = 500_000
+"""Instances the selected studies may list in one run (~1,000 CT studies)."""
+MAX_SEARCH_ANSWER_BYTES = 64 << 20
+"""Bytes of one search answer (DICOM JSON), after HTTP content decoding."""
+MAX_INSTANCE_BYTES = 1 << 30
+"""Bytes of one instance as the server sends it."""
+MAX_DECOMPRESSED_BYTES = 2 << 30
+"""Decompressed size of one instance: its pixel data as declared (rows x columns x frames x
+samples x bits), or its whole dataset once inflated (deflated transfer syntax)."""
+MAX_RUN_BYTES = 500 << 30
+"""Bytes received by the retrievals of one run."""
 _RETRIES = 4
 _RETRY_WAIT_MULTIPLIER_MS = 500
+_RETRY_STATUSES = frozenset({408, 429, 503, 504})
+_CHUNK_BYTES = 1 << 20
+_PART_HEADER_BYTES = 64 << 10
 _MODALITY = re.compile(r"^[A-Z0-9_]{1,16}$")
 _LOOPBACK_NAMES = frozenset({"localhost"})
 _TRANSPORT_LOGGERS = ("dicomweb_client", "urllib3", "retrying", "pydicom")
@@ -67,6 +95,41 @@ _T = TypeVar("_T")
 
 class PacsImportError(Exception):
     """The import cannot go on; the message names what failed and what to do (no patient data)."""
+
+
+def is_dicom_uid(value: object) -> bool:
+    """The DICOM UID grammar (PS3.5 9.1): digits in dot-separated components, no leading zero in
+    a component other than "0" itself, at most 64 characters."""
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_UID_LENGTH
+        and RE_VALID_UID.fullmatch(value) is not None
+    )
+
+
+def _server_uid(value: str | None, field: str, doing: str) -> str:
+    """``value`` if it is a DICOM UID; the server's value is never shown (it may be one)."""
+    if value is None:
+        raise PacsImportError(
+            f"the server's {doing} returned a result without {field}, which QIDO-RS requires; the "
+            "server is not a conformant DICOMweb service (check the URL, or ask the PACS vendor)"
+        )
+    if not is_dicom_uid(value):
+        raise PacsImportError(
+            f"the server's {doing} returned a {field} that is not a DICOM UID (expected digits "
+            f"and dots, at most {MAX_UID_LENGTH} characters, no leading zeros; got "
+            f"{len(value)} characters, not shown): refused before it reached a URL or a file "
+            "name, and nothing was fetched. A conformant PACS never sends this: check that "
+            "--dicomweb points at the hospital's PACS and tell its administrator"
+        )
+    return value
+
+
+def _size(count: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.3g} {unit}"
+    return f"{count} bytes"
 
 
 # --- configuration (validated once, at the boundary) --------------------------------------------
@@ -85,9 +148,13 @@ class DicomwebSource:
         ca_bundle: PEM file of the CA certificate(s) that signed the server's TLS certificate
             (``https`` only); None trusts the system's CAs.
         timeout_s: seconds to wait for each answer (connecting waits at most 10 s).
+        allow_insecure_http: accept ``username`` over plain ``http`` to another machine, where
+            basic auth sends the password readable by anyone on the network path (for a link
+            protected otherwise, e.g. a VPN). Loopback needs no permission.
 
     Raises:
-        PacsImportError: any of the above is malformed or missing.
+        PacsImportError: any of the above is malformed or missing, or basic auth would cross
+            the network over plain http without ``allow_insecure_http``.
     """
 
     url: str
@@ -95,6 +162,7 @@ class DicomwebSource:
     password_env: str | None = None
     ca_bundle: Path | None = None
     timeout_s: float = 30.0
+    allow_insecure_http: bool = False
     _password: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +208,14 @@ class DicomwebSource:
                 )
         if not self.timeout_s > 0:
             raise PacsImportError(f"--timeout: expected seconds > 0, got {self.timeout_s}")
+        if self.sends_password_in_clear and not self.allow_insecure_http:
+            raise PacsImportError(
+                f"--username over {parts.scheme}://{parts.hostname}: refused, because HTTP basic "
+                "auth over plain http sends the password in clear (only base64-encoded) across "
+                "the network to the PACS; use the PACS's https:// URL (with --ca-bundle if the "
+                "hospital's CA signed its certificate), or pass --allow-insecure-http if this "
+                "network link is protected otherwise (e.g. a VPN)"
+            )
 
     @property
     def root(self) -> str:
@@ -178,16 +254,74 @@ class StudySelection:
 
     def __post_init__(self) -> None:
         for position, uid in enumerate(self.study_uids, start=1):
-            if len(uid) > 64 or not re.match(RE_VALID_UID, uid):
+            if not is_dicom_uid(uid):
                 raise PacsImportError(
                     f"--study value number {position} is not a valid DICOM UID (digits and dots, "
-                    "at most 64 characters); copy the StudyInstanceUID from the PACS again"
+                    f"at most {MAX_UID_LENGTH} characters, no leading zeros); copy the "
+                    "StudyInstanceUID from the PACS again"
                 )
         if self.modality is not None and not _MODALITY.match(self.modality):
             raise PacsImportError(
                 f"--modality {self.modality!r}: expected an upper-case DICOM modality code such "
                 "as CT or MR"
             )
+
+
+_LIMIT_FLAGS = {
+    "max_search_pages": ("--max-search-pages", 1),
+    "max_listed_instances": ("--max-listed-instances", 1),
+    "max_search_answer_bytes": ("--max-search-answer-mb", 1 << 20),
+    "max_instance_bytes": ("--max-instance-mb", 1 << 20),
+    "max_decompressed_bytes": ("--max-decompressed-mb", 1 << 20),
+    "max_run_bytes": ("--max-run-gb", 1 << 30),
+}
+"""Each limit's command-line flag and the unit that flag counts in."""
+
+
+def limit_flags() -> dict[str, tuple[str, int]]:
+    """``ImportLimits`` field -> (command-line flag, bytes per unit of that flag; 1 for counts)."""
+    return dict(_LIMIT_FLAGS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportLimits:
+    """What one import run accepts from the server. Past any of them the run stops with an
+    error naming the limit and its flag; every file written before stays (a rerun resumes).
+
+    Args:
+        max_search_pages: pages of one QIDO-RS search (a server answering new results forever).
+        max_listed_instances: instances the selected studies may list in one run.
+        max_search_answer_bytes: bytes of one search answer, after HTTP content decoding (a
+            gzip bomb counts inflated).
+        max_instance_bytes: bytes of one instance as received.
+        max_decompressed_bytes: an instance's pixel data as declared by its header (rows x
+            columns x frames x samples x bits allocated, what decoding it would allocate), or
+            its dataset once inflated (deflated transfer syntax); checked before it is parsed
+            or written.
+        max_run_bytes: bytes the retrievals of one run receive.
+
+    Raises:
+        PacsImportError: a limit is not a whole number >= 1.
+    """
+
+    max_search_pages: int = MAX_SEARCH_PAGES
+    max_listed_instances: int = MAX_LISTED_INSTANCES
+    max_search_answer_bytes: int = MAX_SEARCH_ANSWER_BYTES
+    max_instance_bytes: int = MAX_INSTANCE_BYTES
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES
+    max_run_bytes: int = MAX_RUN_BYTES
+
+    def __post_init__(self) -> None:
+        for name, (flag, _) in _LIMIT_FLAGS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PacsImportError(f"{flag}: expected a whole number >= 1, got {value!r}")
+
+    def describe(self, name: str) -> str:
+        """``"4 MiB (--max-instance-mb)"``: the limit and the flag that raises it."""
+        flag, unit = _LIMIT_FLAGS[name]
+        value = getattr(self, name)
+        return f"{value if unit == 1 else _size(value)} ({flag})"
 
 
 # --- the plan (pure) ---------------------------------------------------------------------------
@@ -235,33 +369,34 @@ def instances_from_search(results: Iterable[Mapping], study_uid: str) -> list[In
     """The instances of a QIDO-RS instance search (DICOM JSON) within one study, sorted.
 
     Raises:
-        PacsImportError: a result lacks SeriesInstanceUID or SOPInstanceUID.
+        PacsImportError: a result lacks SeriesInstanceUID or SOPInstanceUID, or one of them is
+            not a DICOM UID.
     """
+    doing = "instance search"
     refs = set()
     for result in results:
-        series_uid = _json_value(result, "0020000E")
-        sop_uid = _json_value(result, "00080018")
-        if not series_uid or not sop_uid:
-            raise PacsImportError(
-                "the server's instance search returned a result without SeriesInstanceUID or "
-                "SOPInstanceUID, which QIDO-RS requires; the server is not a conformant DICOMweb "
-                "service (check the URL, or ask the PACS vendor)"
-            )
+        series_uid = _server_uid(_json_value(result, "0020000E"), "SeriesInstanceUID", doing)
+        sop_uid = _server_uid(_json_value(result, "00080018"), "SOPInstanceUID", doing)
         refs.add(InstanceRef(study_uid, series_uid, sop_uid))
     return sorted(refs)
 
 
 def study_uids_from_search(results: Iterable[Mapping]) -> list[str]:
-    """The StudyInstanceUIDs of a QIDO-RS study search (DICOM JSON), sorted and unique."""
+    """The StudyInstanceUIDs of a QIDO-RS study search (DICOM JSON), sorted and unique.
+
+    Raises:
+        PacsImportError: a result's StudyInstanceUID is not a DICOM UID.
+    """
     uids = {_json_value(result, "0020000D") for result in results}
     uids.discard(None)
-    return sorted(uids)  # type: ignore[arg-type]
+    return sorted(_server_uid(uid, "StudyInstanceUID", "study search") for uid in uids)
 
 
 def study_modalities(result: Mapping) -> frozenset[str] | None:
     """ModalitiesInStudy of a QIDO-RS study result, or None when the server left it out."""
-    values = (result.get("00080061") or {}).get("Value")
-    return None if values is None else frozenset(str(value) for value in values)
+    element = result.get("00080061")
+    values = element.get("Value") if isinstance(element, Mapping) else None
+    return frozenset(str(value) for value in values) if isinstance(values, list) else None
 
 
 def plan_fetches(refs: Sequence[InstanceRef], present: set[InstanceRef]) -> list[FetchBatch]:
@@ -278,9 +413,14 @@ def plan_fetches(refs: Sequence[InstanceRef], present: set[InstanceRef]) -> list
     return batches
 
 
-def _json_value(result: Mapping, tag: str) -> str | None:
-    values = (result.get(tag) or {}).get("Value") or []
-    return str(values[0]) if values and isinstance(values[0], str) else None
+def _json_value(result: object, tag: str) -> str | None:
+    """The first value under ``tag`` of a DICOM JSON result when it is a string, else None
+    (including for results that are not DICOM JSON objects at all)."""
+    element = result.get(tag) if isinstance(result, Mapping) else None
+    values = element.get("Value") if isinstance(element, Mapping) else None
+    if isinstance(values, list) and values and isinstance(values[0], str):
+        return values[0]
+    return None
 
 
 # --- the journal: what was written, with its digest -----------------------------------------------
@@ -343,6 +483,7 @@ def import_from_dicomweb(
     *,
     selection: StudySelection | None = None,
     limit: int | None = None,
+    limits: ImportLimits | None = None,
     progress: bool = False,
 ) -> ImportSummary:
     """Copy the selected studies from the PACS into ``out_dir``, resuming a previous run.
@@ -360,13 +501,16 @@ def import_from_dicomweb(
         selection: which studies; None imports every study the server lists.
         limit: fetch at most this many instances in this run (import in batches; a rerun
             continues); None fetches all.
+        limits: what the run accepts from the server (default: the module's ``MAX_*``).
         progress: show progress bars (on stderr).
 
     Raises:
         PacsImportError: the server cannot be reached, refuses the login, is not a DICOMweb
-            service, a selected study is not there, or ``out_dir`` is not a writable folder.
+            service, sends a UID that is not one or more than ``limits`` allow, a selected
+            study is not there, or ``out_dir`` is not a writable folder.
     """
     selection = selection or StudySelection()
+    limits = limits or ImportLimits()
     if limit is not None and limit < 0:
         raise PacsImportError(f"--max-instances: expected a number >= 0, got {limit}")
     out_dir = _require_out_dir(Path(out_dir))
@@ -381,17 +525,18 @@ def import_from_dicomweb(
             "https URL (with --ca-bundle if its certificate is signed by the hospital's CA)"
         )
 
-    client = _client(source)
+    client = _client(source, limits)
     with _transport_quiet():
-        studies = _find_studies(client, source, selection)
+        studies = _find_studies(client, source, selection, limits)
         with _bars(progress) as bars:  # shown once the server has answered
-            refs = _list_instances(client, source, studies, bars)
+            refs = _list_instances(client, source, studies, limits, bars)
             with _disk_errors(out_dir):
                 present = _present_on_disk(refs, out_dir, journal)
             batches = plan_fetches(refs, present)
             missing = sum(len(batch.refs) for batch in batches)
             budget = missing if limit is None else min(limit, missing)
-            fetched = _fetch(client, source, batches, out_dir, journal, budget, bars)
+            retrieval = _Retrieval(source, limits)
+            fetched = _fetch(retrieval, batches, out_dir, journal, budget, bars)
 
     summary = ImportSummary(
         out_dir=out_dir,
@@ -415,38 +560,45 @@ def import_from_dicomweb(
 
 
 def _list_instances(
-    client: DICOMwebClient, source: DicomwebSource, studies: Sequence[str], bars: _Bars
+    client: DICOMwebClient,
+    source: DicomwebSource,
+    studies: Sequence[str],
+    limits: ImportLimits,
+    bars: _Bars,
 ) -> list[InstanceRef]:
     task = bars.add_task("Listing instances", total=len(studies))
     refs: list[InstanceRef] = []
     for study_uid in studies:
-        refs += _find_instances(client, source, study_uid)
+        refs += _find_instances(client, source, study_uid, limits)
+        if len(refs) > limits.max_listed_instances:
+            raise PacsImportError(
+                f"the selected studies list more than "
+                f"{limits.describe('max_listed_instances')} instances; nothing was fetched in "
+                "this run. Import fewer studies per run (--study, --modality), or raise the "
+                "limit if the PACS really holds that many"
+            )
         bars.advance(task)
     return refs
 
 
 def _fetch(
-    client: DICOMwebClient,
-    source: DicomwebSource,
+    retrieval: _Retrieval,
     batches: Sequence[FetchBatch],
     out_dir: Path,
     journal: _Journal,
     budget: int,
     bars: _Bars,
 ) -> int:
-    """Fetch up to ``budget`` instances of ``batches`` into ``out_dir``; returns how many."""
+    """Fetch up to ``budget`` instances of ``batches`` into ``out_dir``; returns how many.
+    Each instance is journaled as soon as it is written, so an error later loses none."""
     task = bars.add_task("Importing instances", total=budget)
-    client.set_http_retry_params(
-        retry=True, max_attempts=_RETRIES, wait_exponential_multiplier=_RETRY_WAIT_MULTIPLIER_MS
-    )
     fetched = 0
     for batch in batches:
         if fetched >= budget:
             break
-        for dataset in _take(_retrieve(client, source, batch), budget - fetched):
-            ref = _ref_of(dataset, batch)
+        for ref, data in _take(retrieval.instances(batch), budget - fetched):
             with _disk_errors(out_dir):
-                digest = _write_atomically(out_dir / ref.relative_path, _part10_bytes(dataset))
+                digest = _write_atomically(out_dir / ref.relative_path, data)
                 journal.record(ref.relative_path, digest)
             fetched += 1
             bars.advance(task)
@@ -471,20 +623,58 @@ def _remove_partial_files(out_dir: Path) -> int:
     return removed
 
 
-def _client(source: DicomwebSource) -> DICOMwebClient:
+def _session(source: DicomwebSource) -> requests.Session:
     session = requests.Session()
     if source.username is not None:
         session.auth = (source.username, source._password or "")
     if source.ca_bundle is not None:
         session.mount("https://", _TrustingOnly(source.ca_bundle))
-    client = DICOMwebClient(
-        source.root,
-        session=session,
-        timeout=(min(CONNECT_TIMEOUT_S, source.timeout_s), source.timeout_s),
-    )
+    return session
+
+
+def _timeout(source: DicomwebSource) -> tuple[float, float]:
+    return (min(CONNECT_TIMEOUT_S, source.timeout_s), source.timeout_s)
+
+
+def _client(source: DicomwebSource, limits: ImportLimits) -> DICOMwebClient:
+    """dicomweb-client for the searches, every answer capped at ``max_search_answer_bytes``."""
+    session = _session(source)
+
+    def cap(response: requests.Response, **_) -> requests.Response:
+        response.raw = _CappedBody(response.raw, source, limits)
+        return response
+
+    session.hooks["response"].append(cap)
+    client = DICOMwebClient(source.root, session=session, timeout=_timeout(source))
     # Searches fail fast (a wrong URL or password is not worth retrying); retrieval retries.
     client.set_http_retry_params(retry=False)
     return client
+
+
+class _CappedBody:
+    """A search answer's body (urllib3's ``raw``) that stops past ``max_search_answer_bytes``.
+    requests reads every body through ``raw.stream(decode_content=True)``, so what is counted is
+    the decoded size: a gzip bomb counts inflated."""
+
+    def __init__(self, raw, source: DicomwebSource, limits: ImportLimits) -> None:
+        self._raw, self._source, self._limits = raw, source, limits
+
+    def stream(self, amt: int = 1 << 16, decode_content: bool | None = None) -> Iterator[bytes]:
+        received = 0
+        for chunk in self._raw.stream(amt, decode_content=decode_content):
+            received += len(chunk)
+            if received > self._limits.max_search_answer_bytes:
+                self._raw.close()
+                raise PacsImportError(
+                    f"{self._source.root} sent a search answer larger than "
+                    f"{self._limits.describe('max_search_answer_bytes')}; nothing was fetched "
+                    "in this run. A PACS pages its answers far below this: check the server, or "
+                    "raise the limit"
+                )
+            yield chunk
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
 
 
 class _TrustingOnly(HTTPAdapter):
@@ -501,7 +691,7 @@ class _TrustingOnly(HTTPAdapter):
 
 
 def _find_studies(
-    client: DICOMwebClient, source: DicomwebSource, selection: StudySelection
+    client: DICOMwebClient, source: DicomwebSource, selection: StudySelection, limits: ImportLimits
 ) -> list[str]:
     # The modality is matched here, on each result's ModalitiesInStudy, not sent as a filter:
     # Orthanc 1.10's DICOMweb plugin ignores the paging offset when filtering on it.
@@ -517,13 +707,17 @@ def _find_studies(
                     fields=("ModalitiesInStudy",), offset=offset
                 ),
                 key="0020000D",
+                source=source,
+                limits=limits,
             )
-    studies = study_uids_from_search(results)
+    studies = study_uids_from_search(results)  # every UID checked before one reaches a URL
     if selection.modality is None:
         return studies
     kept = []
     for result in results:
         uid = _json_value(result, "0020000D")
+        if uid is None:
+            continue
         listed = study_modalities(result)
         if listed is None:  # the server did not say: ask for the study's series of that modality
             with _http_errors(source, "searching a study's series"):
@@ -561,7 +755,7 @@ def _has_series(client: DICOMwebClient, study_uid: str | None, selection: StudyS
 
 
 def _find_instances(
-    client: DICOMwebClient, source: DicomwebSource, study_uid: str
+    client: DICOMwebClient, source: DicomwebSource, study_uid: str, limits: ImportLimits
 ) -> list[InstanceRef]:
     with _http_errors(source, "listing a study's instances"):
         results = _search_all(
@@ -571,23 +765,38 @@ def _find_instances(
                 offset=offset,
             ),
             key="00080018",
+            source=source,
+            limits=limits,
         )
     return instances_from_search(results, study_uid)
 
 
-def _search_all(search: Callable[[int], list[dict]], *, key: str) -> list[dict]:
+def _search_all(
+    search: Callable[[int], list[dict]],
+    *,
+    key: str,
+    source: DicomwebSource,
+    limits: ImportLimits,
+) -> list[dict]:
     """Every result of a QIDO-RS search, page after page (``search(offset)``), told apart by
     the UID under tag ``key``. Stops at the first page with nothing new, as a server that ignores
-    the offset answers the same page again (dicomweb-client's ``get_remaining`` loops forever)."""
+    the offset answers the same page again (dicomweb-client's ``get_remaining`` loops forever),
+    and with an error after ``max_search_pages`` pages (one that always answers new results)."""
     results: list[dict] = []
     seen: set[str | None] = set()
-    while True:
+    for _ in range(limits.max_search_pages):
         page = search(len(results))
         new = [result for result in page if _json_value(result, key) not in seen]
         if not new:
             return results
         seen.update(_json_value(result, key) for result in new)
         results += new
+    raise PacsImportError(
+        f"{source.root} still answered new results after "
+        f"{limits.describe('max_search_pages')} pages of one search; nothing was fetched in this "
+        "run. Narrow the selection (--study, --modality), or raise the limit if the PACS really "
+        "lists that much"
+    )
 
 
 def _present_on_disk(
@@ -622,60 +831,217 @@ def _is_complete_instance(path: Path, out_dir: Path, sop_uid: str) -> bool:
     )
 
 
-def _retrieve(
-    client: DICOMwebClient, source: DicomwebSource, batch: FetchBatch
-) -> Iterator[Dataset]:
-    """The batch's instances as pydicom datasets: one series request when the whole series is
-    wanted, then one request per instance the series answer did not hold."""
-    received: set[str] = set()
-    if batch.whole_series:
-        wanted = {ref.sop_uid for ref in batch.refs}
-        with _http_errors(source, "retrieving a series"):
-            for dataset in client.iter_series(
-                batch.study_uid, batch.series_uid, media_types=AS_STORED
-            ):
-                uid = str(dataset.get("SOPInstanceUID", ""))
-                if uid in wanted and uid not in received:  # added after the search: next run
-                    received.add(uid)
-                    yield dataset
-    for ref in batch.refs:
-        if ref.sop_uid not in received:
-            with _http_errors(source, "retrieving an instance"):
-                dataset = client.retrieve_instance(
-                    ref.study_uid, ref.series_uid, ref.sop_uid, media_types=AS_STORED
+class _Retrieval:
+    """WADO-RS retrieval, read part by part here rather than by dicomweb-client, which buffers a
+    part of any size and hands it to pydicom (which inflates a deflated dataset of any size):
+    each instance is capped in bytes while it arrives, its decompressed size is checked before
+    it is parsed, and the run's bytes are counted."""
+
+    def __init__(self, source: DicomwebSource, limits: ImportLimits) -> None:
+        self.source, self.limits = source, limits
+        self.session = _session(source)
+        self.received = 0
+
+    def instances(self, batch: FetchBatch) -> Iterator[tuple[InstanceRef, bytes]]:
+        """The batch's instances as (ref, Part 10 bytes as the server sent them): one series
+        request when the whole series is wanted, then one request per instance the series
+        answer did not hold."""
+        received: set[InstanceRef] = set()
+        if batch.whole_series:
+            with _http_errors(self.source, "retrieving a series"):
+                for data in self._parts(batch.study_uid, batch.series_uid, series=batch.series_uid):
+                    ref = self._checked(data, batch)
+                    if ref is not None and ref not in received:  # others: added after the search
+                        received.add(ref)
+                        yield ref, data
+        for ref in batch.refs:
+            if ref not in received:
+                with _http_errors(self.source, "retrieving an instance"):
+                    parts = self._parts(
+                        ref.study_uid, ref.series_uid, ref.sop_uid, series=batch.series_uid
+                    )
+                    data = next(parts, None)
+                    parts.close()
+                if data is None or self._checked(data, batch) != ref:
+                    raise PacsImportError(
+                        f"the server answered a request for an instance of series "
+                        f"{series_key(batch.series_uid)} with a different instance (or none); "
+                        "the PACS's DICOMweb service is misbehaving (see its log)"
+                    )
+                yield ref, data
+
+    def _parts(self, *uids: str, series: str) -> Iterator[bytes]:
+        levels = ("studies", "series", "instances")[: len(uids)]
+        if not all(is_dicom_uid(uid) for uid in uids):  # checked when listed; never in a URL
+            raise PacsImportError("internal: a UID that is not one reached a retrieval URL")
+        url = self.source.root + "".join(
+            f"/{level}/{uid}" for level, uid in zip(levels, uids, strict=True)
+        )
+        response = self._get(url)
+        with response:
+            yield from self._split(response, series)
+
+    def _get(self, url: str) -> requests.Response:
+        for attempt in range(_RETRIES):
+            response = self.session.get(
+                url, headers={"Accept": AS_STORED}, stream=True, timeout=_timeout(self.source)
+            )
+            if response.status_code not in _RETRY_STATUSES or attempt == _RETRIES - 1:
+                break
+            response.close()
+            time.sleep(_RETRY_WAIT_MULTIPLIER_MS / 1000 * 2**attempt)
+        if response.status_code >= 400:
+            response.close()
+            response.raise_for_status()
+        return response
+
+    def _chunks(self, response: requests.Response) -> Iterator[bytes]:
+        for chunk in response.iter_content(_CHUNK_BYTES):
+            self.received += len(chunk)
+            if self.received > self.limits.max_run_bytes:
+                raise PacsImportError(
+                    f"this run received more than {self.limits.describe('max_run_bytes')} from "
+                    f"{self.source.root}; it stopped there, and the instances written so far are "
+                    "kept: run the same command again to continue, or raise the limit"
                 )
-            yield dataset
+            yield chunk
+
+    def _too_large(self, series: str) -> PacsImportError:
+        return PacsImportError(
+            f"an instance of series {series_key(series)} is larger than "
+            f"{self.limits.describe('max_instance_bytes')}; the import stopped before it, and "
+            "the instances written so far are kept. Raise the limit if such instances are "
+            "expected, or leave that study out (--study)"
+        )
+
+    def _split(self, response: requests.Response, series: str) -> Iterator[bytes]:
+        """The parts of a multipart/related answer (or the body of a bare application/dicom
+        one), each at most ``max_instance_bytes``; the buffer never holds more than one."""
+        limit = self.limits.max_instance_bytes
+        media_type, _, parameters = response.headers.get("Content-Type", "").partition(";")
+        media_type = media_type.strip().lower()
+        if media_type == "application/dicom":  # not encapsulated, as some servers answer
+            body = bytearray()
+            for chunk in self._chunks(response):
+                body += chunk
+                if len(body) > limit:
+                    raise self._too_large(series)
+            yield bytes(body)
+            return
+        boundary = _boundary(parameters) if media_type == "multipart/related" else None
+        if boundary is None:
+            raise PacsImportError(
+                f"{self.source.root} answered a retrieval with {media_type or 'no media type'}, "
+                "not multipart/related DICOM; it is not a conformant WADO-RS service"
+            )
+        delimiter = b"\r\n--" + boundary
+        buffer = bytearray(b"\r\n")  # the body opens with a delimiter lacking its line break
+        start = 0
+        for chunk in self._chunks(response):
+            buffer += chunk
+            while (index := buffer.find(delimiter, start)) >= 0:
+                part = bytes(buffer[:index])
+                del buffer[: index + len(delimiter)]
+                start = 0
+                if part.startswith(b"--"):  # the close delimiter: the rest is epilogue
+                    return
+                content = _part_content(part)
+                if content is not None:
+                    yield content
+            if len(buffer) > limit + _PART_HEADER_BYTES:
+                raise self._too_large(series)
+            start = max(0, len(buffer) - len(delimiter) + 1)
+
+    def _checked(self, data: bytes, batch: FetchBatch) -> InstanceRef | None:
+        """The instance of ``batch`` that ``data`` is, after the decompressed-size checks; None
+        for one the batch does not hold."""
+        series = series_key(batch.series_uid)
+        if data[128:132] != b"DICM":
+            raise PacsImportError(
+                f"an instance of series {series} came without a DICOM file header (no 'DICM' "
+                "after the 128-byte preamble); export it from the PACS another way"
+            )
+        limit = self.limits.max_decompressed_bytes
+        try:
+            dataset_start, transfer_syntax = _file_meta(data)
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:
+                inflated = _inflated_size(data[dataset_start:], limit)
+                if inflated > limit:
+                    raise self._decompressed_too_large(series, "its inflated dataset")
+            header = dcmread(BytesIO(data), stop_before_pixels=True)
+        except PacsImportError:
+            raise
+        except Exception as exc:  # pydicom raises many kinds for a damaged header
+            raise PacsImportError(
+                f"an instance of series {series} is not readable DICOM ({type(exc).__name__}); "
+                "check it in the PACS, or leave that study out (--study)"
+            ) from None
+        if _declared_pixel_bytes(header) > limit:
+            raise self._decompressed_too_large(series, "its pixel data as declared")
+        uid = str(header.get("SOPInstanceUID", ""))
+        return next((ref for ref in batch.refs if ref.sop_uid == uid), None)
+
+    def _decompressed_too_large(self, series: str, what: str) -> PacsImportError:
+        return PacsImportError(
+            f"an instance of series {series} decompresses to more than "
+            f"{self.limits.describe('max_decompressed_bytes')} ({what}); the import stopped "
+            "before writing it, and the instances written so far are kept. Raise the limit if "
+            "such instances are expected, or leave that study out (--study)"
+        )
 
 
-def _ref_of(dataset: Dataset, batch: FetchBatch) -> InstanceRef:
-    uid = str(dataset.get("SOPInstanceUID", ""))
-    for ref in batch.refs:
-        if ref.sop_uid == uid:
-            return ref
-    raise PacsImportError(
-        f"the server answered a request for an instance of series {series_key(batch.series_uid)} "
-        "with a different instance; the PACS's DICOMweb service is misbehaving (see its log)"
+def _boundary(parameters: str) -> bytes | None:
+    for item in parameters.split(";"):
+        name, _, value = item.strip().partition("=")
+        if name.lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1")
+    return None
+
+
+def _part_content(part: bytes) -> bytes | None:
+    """The body of one multipart part (after its headers), or None for an empty one."""
+    end = part.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    return part[end + 4 :]
+
+
+def _file_meta(data: bytes) -> tuple[int, str]:
+    """(offset of the dataset after the file meta group, TransferSyntaxUID) of Part 10 bytes."""
+    stream = BytesIO(data)
+    stream.seek(132)
+    meta = read_dataset(
+        stream,
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=lambda tag, vr, length: tag.group != 2,
     )
+    return stream.tell(), str(meta.get("TransferSyntaxUID", ""))
 
 
-def _part10_bytes(dataset: Dataset) -> bytes:
-    """The file as the server sent it when that is a DICOM Part 10 file (preamble + ``DICM``),
-    else the dataset encoded as one (ingestion reads Part 10 files only)."""
-    buffer = getattr(dataset, "buffer", None)
-    if isinstance(buffer, BytesIO):
-        data = buffer.getvalue()
-        if data[128:132] == b"DICM":
-            return data
-    encoded = BytesIO()
+def _inflated_size(deflated: bytes, limit: int) -> int:
+    """Bytes ``deflated`` (raw deflate) inflates to, counted chunk by chunk and given up just
+    past ``limit``: the output is never held whole."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, tail = 0, deflated
+    while True:
+        out = inflater.decompress(tail, _CHUNK_BYTES)
+        total += len(out)
+        tail = inflater.unconsumed_tail
+        if total > limit or (not tail and len(out) < _CHUNK_BYTES):
+            return total
+
+
+def _declared_pixel_bytes(header) -> int:
+    """What decoding the pixel data would allocate, from the header alone (0 without pixels)."""
     try:
-        dcmwrite(encoded, dataset, enforce_file_format=True)
-    except Exception as exc:
-        raise PacsImportError(
-            f"an instance of series {series_key(str(dataset.get('SeriesInstanceUID', '')))} came "
-            f"without a DICOM file header and could not be written as a file "
-            f"({type(exc).__name__}); export it from the PACS another way"
-        ) from None
-    return encoded.getvalue()
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        values = (header.get(name, 0) or 0 for name in ("Rows", "Columns", "SamplesPerPixel"))
+        rows, columns, samples = (int(value) for value in values)
+        bits = int(header.get("BitsAllocated", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+    return rows * columns * max(samples, 1) * max(frames, 1) * bits // 8
 
 
 def _write_atomically(path: Path, data: bytes) -> str:

@@ -545,6 +545,29 @@ def test_bad_source_settings_are_named(arguments, expected, monkeypatch):
         DicomwebSource(**arguments)
 
 
+def test_basic_auth_over_plain_http_to_another_machine_is_refused_unless_allowed(monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    login = {"username": USER, "password_env": PASSWORD_ENV}
+    with pytest.raises(PacsImportError, match=r"password in clear.*--allow-insecure-http"):
+        DicomwebSource(url="http://pacs.example.org/dicom-web", **login)
+    allowed = DicomwebSource(
+        url="http://pacs.example.org/dicom-web", allow_insecure_http=True, **login
+    )
+    assert allowed.sends_password_in_clear  # still warned about at import time
+    for url in ("https://pacs.example.org/dicom-web", "http://127.0.0.1:8042/dicom-web"):
+        assert not DicomwebSource(url=url, **login).sends_password_in_clear  # never on the wire
+    assert DicomwebSource(url="http://pacs.example.org/dicom-web")  # no password, nothing to leak
+
+
+def test_cli_refuses_a_password_over_http_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    argv = ["site", "import", "--dicomweb", "http://pacs.example.org/dicom-web"]
+    argv += ["--out", str(tmp_path / "o"), "--username", USER, "--password-env", PASSWORD_ENV]
+    assert main(argv) == 2
+    assert "the network to the PACS" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_password_is_neither_shown_nor_compared(monkeypatch):
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     source = DicomwebSource(url="https://pacs/dw", username=USER, password_env=PASSWORD_ENV)
