@@ -62,7 +62,7 @@ def _simulate_data(args: argparse.Namespace) -> None:
         )
         console.print(
             f"[green]wrote[/green] a public cohort of {len(cohort.cases)} patients to "
-            f"{cohort.folder} (manifest: {cohort.out_dir / 'manifest.json'})"
+            + escape(f"{cohort.folder} (manifest: {cohort.out_dir / 'manifest.json'})")
         )
         return
     summary = generate_federation_data(
@@ -75,19 +75,20 @@ def _simulate_data(args: argparse.Namespace) -> None:
         workers=args.workers,
     )
     console.print(
-        f"[green]wrote[/green] {len(summary.sites)} simulated site(s) to {summary.out_dir} "
-        f"(manifest: {summary.out_dir / 'manifest.json'})"
+        f"[green]wrote[/green] {len(summary.sites)} simulated site(s) to "
+        + escape(f"{summary.out_dir} (manifest: {summary.out_dir / 'manifest.json'})")
     )
 
 
 def _format_record(record: SiteRound) -> str:
     label = "final" if record.phase == "final" else f"round {record.round + 1}"
+    site = escape(record.site)
     if record.missing:
-        return f"{label:>8} {record.site}: [red]no result[/red]"
+        return f"{label:>8} {site}: [red]no result[/red]"
     if record.refused:
-        return f"{label:>8} {record.site}: [yellow]refused[/yellow] — {record.refused}"
+        return f"{label:>8} {site}: [yellow]refused[/yellow] — {escape(record.refused)}"
     dice = "-" if record.val_dice is None else f"{record.val_dice:.3f}"
-    parts = [f"{label:>8} {record.site}: val Dice {dice}"]
+    parts = [f"{label:>8} {site}: val Dice {dice}"]
     if record.epsilon is not None:
         parts.append(f"epsilon {record.epsilon:.2f}")
     if record.train_loss is not None:
@@ -105,8 +106,9 @@ def _simulate_run(args: argparse.Namespace) -> None:
     spec = load_spec(args.spec)
     sites = discover_sites(Path(args.data))
     console.print(
-        f"[bold]{spec.name}[/bold]: {spec.training.rounds} round(s) over {', '.join(sites)} "
-        f"with FLARE's simulator; DP {'on' if spec.privacy.enabled else 'off'}. "
+        f"[bold]{escape(spec.name)}[/bold]: {spec.training.rounds} round(s) over "
+        f"{escape(', '.join(sites))} with FLARE's simulator; "
+        f"DP {'on' if spec.privacy.enabled else 'off'}. "
         "Val Dice = the model each site received, on its held-out patients."
     )
     console.print("starting FLARE server and site processes (about 20 s)…")
@@ -149,7 +151,7 @@ def _simulate_run(args: argparse.Namespace) -> None:
     )
     _print_table(final_table(report))
     if report["stopped_reason"]:
-        console.print(f"[yellow]stopped early:[/yellow] {report['stopped_reason']}")
+        console.print(f"[yellow]stopped early:[/yellow] {escape(report['stopped_reason'])}")
     epsilons = [row["epsilon"] for row in report["per_site"] if row["epsilon"] is not None]
     if epsilons and max(epsilons) > WEAK_EPSILON:
         console.print(
@@ -157,8 +159,10 @@ def _simulate_run(args: argparse.Namespace) -> None:
             f"(> {WEAK_EPSILON:g}) gives little formal protection; see report.md"
         )
     console.print(
-        f"report: {result.out_dir / 'report.md'}, {result.out_dir / 'report.json'}; "
-        f"models: {result.out_dir / 'models'}; FLARE logs: {result.workspace}"
+        escape(
+            f"report: {result.out_dir / 'report.md'}, {result.out_dir / 'report.json'}; "
+            f"models: {result.out_dir / 'models'}; FLARE logs: {result.workspace}"
+        )
     )
 
 
@@ -174,7 +178,7 @@ def _simulate_compare(args: argparse.Namespace) -> None:
 
     spec = load_spec(args.spec)
     console.print(
-        f"[bold]{spec.name}[/bold]: local-only, pooled, FedAvg and FedAvg + DP, each "
+        f"[bold]{escape(spec.name)}[/bold]: local-only, pooled, FedAvg and FedAvg + DP, each "
         f"{spec.training.rounds * spec.training.local_epochs} epochs"
         + (f"; then a sweep over epsilon {args.epsilons}" if args.epsilons else "")
     )
@@ -192,13 +196,13 @@ def _simulate_compare(args: argparse.Namespace) -> None:
         raise _UserError(str(error)) from None
     _print_table(comparison_table(comparison))
     for line in ratio_lines(comparison):
-        console.print(line)
+        console.print(line, markup=False)
     if comparison.sweep:
         _print_table(sweep_table(comparison))
     for note in comparison.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    out = Path(args.out)
-    console.print(f"results: {out / 'compare' / 'compare.md'}, {out / 'compare' / 'compare.json'}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    out = Path(args.out) / "compare"
+    console.print(f"results: {out / 'compare.md'}, {out / 'compare.json'}", markup=False)
 
 
 def _epsilon_list(text: str) -> tuple[float, ...]:
@@ -270,7 +274,8 @@ def _site_check(args: argparse.Namespace) -> int | None:
     quarantine_path = Path(args.quarantine_out)
     write_quarantine(list(result.quarantine), quarantine_path)
     console.print(
-        f"{len(result.quarantine)} quarantined item(s), each with its reason: {quarantine_path}"
+        f"{len(result.quarantine)} quarantined item(s), each with its reason: {quarantine_path}",
+        markup=False,
     )
 
 
@@ -329,11 +334,11 @@ def _site_import(args: argparse.Namespace) -> None:
         raise
     console.print(
         f"[green]imported[/green] {summary.fetched} new instance(s) from {summary.studies} "
-        f"study(ies) into {summary.out_dir} ({summary.already_present} already there; "
-        f"journal: {summary.journal})"
+        f"study(ies) into {escape(str(summary.out_dir))} ({summary.already_present} already "
+        f"there; journal: {escape(str(summary.journal))})"
     )
     if summary.complete:
-        console.print(f"next: fedseg site check --data {summary.out_dir}")
+        console.print(f"next: fedseg site check --data {summary.out_dir}", markup=False)
     else:
         console.print(f"{summary.remaining} instance(s) left: run the same command again")
 
@@ -351,7 +356,7 @@ def _spec_check(args: argparse.Namespace) -> None:
         raise _UserError(
             f"{args.spec}: the model cannot be trained with DP:\n  " + "\n  ".join(problems)
         )
-    console.print(f"[green]ok[/green] {args.spec}: job '{spec.name}' is valid")
+    console.print(f"[green]ok[/green] {escape(args.spec)}: job '{escape(spec.name)}' is valid")
 
 
 # -- report and model ----------------------------------------------------------------------------
@@ -662,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         user_errors = (*user_errors, SimulationError, *deploy_errors())
         status = args.handler(args)
     except user_errors as error:
-        error_console.print(f"[red]error:[/red] {error}")
+        error_console.print(f"[red]error:[/red] {escape(str(error))}")
         return 2
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/yellow]")

@@ -29,8 +29,8 @@ def _provision(args: argparse.Namespace) -> None:
             raise FileExistsError(f"{path} exists; choose another name or remove it first")
         path.write_text(template_text())
         console.print(
-            f"[green]wrote[/green] {path}: edit the participants and policy, then run "
-            f"`fedseg provision --project {path} --out DIR`"
+            f"[green]wrote[/green] {escape(str(path))}: edit the participants and policy, then "
+            f"run `fedseg provision --project {escape(str(path))} --out DIR`"
         )
         return
     if not args.project or not args.out:
@@ -81,7 +81,8 @@ def _poc_start(args: argparse.Namespace) -> None:
     researcher = federation.admin_with_role("lead")
     console.print(
         f"submit a job: fedseg job submit jobs/specs/demo.yaml --kit "
-        f"{federation.admins[researcher][1]}\nstop: fedseg poc stop --workspace {args.workspace}"
+        f"{escape(str(federation.admins[researcher][1]))}\nstop: fedseg poc stop --workspace "
+        f"{escape(args.workspace)}"
     )
 
 
@@ -89,7 +90,7 @@ def _poc_stop(args: argparse.Namespace) -> None:
     from provisioning.poc import stop_poc
 
     forced = stop_poc(Path(args.workspace))
-    note = f" ({', '.join(forced)} had to be killed)" if forced else ""
+    note = f" ({escape(', '.join(forced))} had to be killed)" if forced else ""
     console.print(f"[green]stopped[/green]: no POC process left{note}")
 
 
@@ -98,7 +99,9 @@ def _poc_status(args: argparse.Namespace) -> None:
 
     state = PocState.load(Path(args.workspace))
     sites = connected_sites(state.federation)
-    console.print(f"connected: {', '.join(sites) or 'none'} (kits in {state.kits_dir})")
+    console.print(
+        f"connected: {escape(', '.join(sites) or 'none')} (kits in {escape(str(state.kits_dir))})"
+    )
 
 
 # -- job -----------------------------------------------------------------------------------------
@@ -110,8 +113,8 @@ def _job_submit(args: argparse.Namespace) -> None:
 
     spec = load_spec(args.spec)
     job_id = submit(spec, Path(args.kit), sites=args.sites)
-    console.print(f"[green]submitted[/green] {spec.name}: job id {job_id}")
-    console.print(f"follow it: fedseg job status {job_id} --kit {args.kit}")
+    console.print(f"[green]submitted[/green] {escape(spec.name)}: job id {escape(job_id)}")
+    console.print(f"follow it: fedseg job status {escape(job_id)} --kit {escape(args.kit)}")
 
 
 def _job_list(args: argparse.Namespace) -> None:
@@ -121,13 +124,14 @@ def _job_list(args: argparse.Namespace) -> None:
     for column in ("job id", "name", "status", "submitted", "duration"):
         table.add_column(column)
     for job in list_jobs(Path(args.kit)):
-        table.add_row(
+        cells = (
             job.get("job_id", "?"),
             job.get("job_name", "?"),
             job.get("status", "?"),
-            str(job.get("submit_time", "")),
-            str(job.get("duration", "")),
+            job.get("submit_time", ""),
+            job.get("duration", ""),
         )
+        table.add_row(*(escape(str(cell)) for cell in cells))  # FLARE's answer: data, not markup
     console.print(table)
 
 
@@ -141,9 +145,9 @@ def _job_status(args: argparse.Namespace) -> int:
     status = job_status(Path(args.kit), args.job_id)
     planned = "?" if status.rounds_planned is None else status.rounds_planned
     console.print(
-        f"[bold]{status.name}[/bold] ({status.job_id}): {status.status}; round "
-        f"{status.rounds_done}/{planned}; sites connected: "
-        f"{', '.join(status.sites_connected) or 'none'}"
+        f"[bold]{escape(status.name)}[/bold] ({escape(status.job_id)}): "
+        f"{escape(status.status)}; round {status.rounds_done}/{planned}; sites connected: "
+        f"{escape(', '.join(status.sites_connected) or 'none')}"
     )
     if status.sites:
         table = Table()
@@ -156,16 +160,16 @@ def _job_status(args: argparse.Namespace) -> int:
             if site.missing_rounds:
                 notes.append(f"no result in round(s) {[r + 1 for r in site.missing_rounds]}")
             table.add_row(
-                site.site,
+                escape(site.site),
                 "-" if site.last_round is None else str(site.last_round + 1),
                 _fmt(site.val_dice),
                 _fmt(site.epsilon, 2),
                 _fmt(site.budget_left, 2),
-                "; ".join(notes),
+                escape("; ".join(notes)),
             )
         console.print(table)
     for line in status.errors:
-        console.print(f"[red]site error[/red] {line}")
+        console.print(f"[red]site error[/red] {escape(line)}")
     if status.status == "FINISHED:ABNORMAL" and status.rounds_done:
         console.print(
             "[yellow]note[/yellow]: FLARE marks a job ABNORMAL when a site lost its job process "
@@ -179,7 +183,7 @@ def _job_abort(args: argparse.Namespace) -> None:
     from jobs.session import abort
 
     abort(Path(args.kit), args.job_id)
-    console.print(f"[yellow]aborted[/yellow] {args.job_id}")
+    console.print(f"[yellow]aborted[/yellow] {escape(args.job_id)}")
 
 
 def _job_download(args: argparse.Namespace) -> None:
@@ -191,7 +195,9 @@ def _job_download(args: argparse.Namespace) -> None:
     history = read_history(out / "history.json")
     report = write_report(history, spec=history.spec or {}, out_dir=out)
     console.print(final_table(report))
-    console.print(f"report: {out / 'report.md'}; models: {out / 'models'}")
+    console.print(
+        f"report: {escape(str(out / 'report.md'))}; models: {escape(str(out / 'models'))}"
+    )
 
 
 def register(commands: argparse._SubParsersAction, int_at_least) -> None:

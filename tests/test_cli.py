@@ -94,3 +94,58 @@ def test_a_redirected_results_table_is_printed_whole(capsys):
     out = capsys.readouterr().out
     assert all(f"0.{i:03d} | 123.4" in out for i in range(12)) and "…" not in out
     assert console.width == width  # messages after the table keep the console's width
+
+
+# -- user and remote text is data, not rich markup ---------------------------------------------
+
+BRACKETS = "policy of [site-1]: [/x] [bold]not markup[/bold]"
+
+
+def test_an_error_message_with_brackets_arrives_intact(tmp_path, capsys):
+    missing = tmp_path / "[site-1] [/x].yaml"  # `[/x]` crashed rich's markup parser
+    assert main(["spec", "check", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "[site-1] [/x].yaml" in err and "Traceback" not in err
+
+
+def test_a_refusal_reason_and_a_site_name_with_brackets_are_printed_intact(capsys):
+    from fedseg.cli import _format_record, console
+    from server_app.history import SiteRound
+
+    empty = dict(val_dice=None, val_patients=None, num_patients=None, num_steps=None)
+    record = SiteRound(
+        site="[site-1]",
+        round=0,
+        train_loss=None,
+        epsilon=None,
+        delta=None,
+        refused=BRACKETS,
+        **empty,
+    )
+    console.print(_format_record(record))
+    assert f"[site-1]: refused — {BRACKETS}" in capsys.readouterr().out
+
+
+def test_job_status_prints_remote_text_intact(monkeypatch, capsys):
+    from fedseg import deploy_cli
+    from jobs import session
+
+    status = session.JobStatus(
+        job_id="[j1]",
+        name="[/x] job",
+        status="RUNNING",
+        submitted=None,
+        duration=None,
+        rounds_done=1,
+        rounds_planned=2,
+        sites_connected=["[site-1]"],
+        sites=[session.SiteStatus(site="[site-1]", last_round=0, refused=BRACKETS)],
+        errors=[f"[site-2] failed: {BRACKETS}"],
+    )
+    monkeypatch.setattr(session, "job_status", lambda kit, job_id: status)
+    monkeypatch.setattr(deploy_cli.console, "width", 400)  # no cell wrapped in the table
+    assert main(["job", "status", "[j1]", "--kit", "kit"]) == 0
+    out = capsys.readouterr().out
+    assert "[/x] job ([j1])" in out and "sites connected: [site-1]" in out
+    assert "[site-2] failed: policy of [site-1]: [/x] [bold]not markup[/bold]" in out
+    assert "refused: policy of [site-1]" in out
