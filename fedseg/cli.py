@@ -16,8 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 if TYPE_CHECKING:  # the CLI imports domain packages lazily, so `fedseg --help` stays fast
     from server_app.history import SiteRound
 
-console = Console(soft_wrap=True)  # never break paths in messages across lines
-error_console = Console(stderr=True, soft_wrap=True)
+# soft_wrap: never break paths in messages across lines. emoji=False: ":CD:" in a fingerprint
+# or ":smile:" in a site's message is text, not an emoji code (escape() does not cover those).
+console = Console(soft_wrap=True, emoji=False)
+error_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def _print_table(table) -> None:

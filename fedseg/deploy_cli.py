@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)  # ":CD:" in a fingerprint is not an emoji code
 
 # -- provision -----------------------------------------------------------------------------------
 

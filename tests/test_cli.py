@@ -149,3 +149,10 @@ def test_job_status_prints_remote_text_intact(monkeypatch, capsys):
     assert "[/x] job ([j1])" in out and "sites connected: [site-1]" in out
     assert "[site-2] failed: policy of [site-1]: [/x] [bold]not markup[/bold]" in out
     assert "refused: policy of [site-1]" in out
+
+
+def test_emoji_codes_in_text_stay_text(tmp_path, capsys):
+    """A root CA fingerprint holds ':CD:' now and then; rich would print it as an emoji."""
+    missing = tmp_path / "AB:CD:EF :smile:.yaml"
+    assert main(["spec", "check", str(missing)]) == 2
+    assert "AB:CD:EF :smile:.yaml" in capsys.readouterr().err
