@@ -7,8 +7,8 @@ inputs. Seeded and deterministic; a PHI-free manifest.json describes what was wr
 each broken input must be rejected for.
 
 Size of the data. Every series is `matrix` x `matrix` pixels (64 by default) of 5.0-6.25 mm, a
-320-400 mm field of view: training resamples to 5 mm voxels, so a larger matrix would only be
-averaged away (and 32 keeps tests fast). Slices cover 200 mm cranio-caudally, the phantom's
+320-400 mm field of view, about the 5 mm voxels training resamples to: a larger matrix would
+only be averaged away (and 32 keeps tests fast). Slices cover 200 mm cranio-caudally, the phantom's
 whole liver with a margin and more than a 32-voxel crop at 5 mm, at the site's thickness
 (1.5, 2.5, 3.0, 4.0 or 5.0 mm: 40-96 slices at matrix 64, at most 3/2 matrix, so the 1.5 mm site
 covers 144 mm). Thin slices are few because they only cost files: a 1.5 mm series needs 3.3x the
@@ -29,6 +29,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -678,7 +679,14 @@ def _write_cases(
         # spawn, not fork: the caller may hold threads (rich's, torch's) that fork would copy
         # in whatever state they are in.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=count, mp_context=context) as pool:
+        # Workers ignore Ctrl-C: this process stops them, after their current patient.
+        ignore_interrupt = (signal.SIGINT, signal.SIG_IGN)
+        with ProcessPoolExecutor(
+            max_workers=count,
+            mp_context=context,
+            initializer=signal.signal,
+            initargs=ignore_interrupt,
+        ) as pool:
             futures = [pool.submit(_write_case, job) for job in jobs]
             try:
                 for future in as_completed(futures):
