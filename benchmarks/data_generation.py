@@ -9,9 +9,10 @@ before the speed-up; extracted with `git archive`, nothing in the checkout chang
 working tree with one worker process and with its default (one per CPU), each in a child process
 of its own, into an empty folder that is deleted afterwards. Prints per run the wall of the
 whole child (imports, worker pool, manifest), patients written per second (good and broken
-ones), files written, slices per series, the peak memory of the process tree (PSS) and the
-1-minute load average when it started (the machine may be shared: compare rows whose loads are
-alike), then the ratios.
+ones), the CPU seconds of the process tree and patients per CPU second (what other users of a
+shared machine disturb least), files written, slices per series, the peak memory of the process
+tree (PSS) and the 1-minute load average when it started (compare walls whose loads are alike),
+then the ratios.
 
 Goal (issue "A private model worth having"): 3 x 200 in <= 2 min on a 2-core machine. The
 baseline's 3 x 200 takes several minutes on its own.
@@ -23,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -71,18 +73,34 @@ def _generate(root: Path, out: Path, options: dict) -> dict:
     """Wall, peak tree memory and what one child wrote; `out` is deleted afterwards."""
     command = [sys.executable, "-c", _CHILD, str(root), str(out), json.dumps(options)]
     load = os.getloadavg()[0]
+    cpu_before = _children_cpu_s()
     try:
         wall, peak, stdout = run_sampled(command, interval_s=0.5)
+        cpu = _children_cpu_s() - cpu_before
     finally:
         shutil.rmtree(out, ignore_errors=True)
     result = json.loads(stdout.strip().splitlines()[-1])
     pss_mb = peak.pss / 2**20
-    return {**result, "wall_s": wall, "pss_mb": pss_mb, "processes": peak.processes, "load": load}
+    return {
+        **result,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "pss_mb": pss_mb,
+        "processes": peak.processes,
+        "load": load,
+    }
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of every finished descendant (the workers count via the child)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _row(label: str, run: dict) -> str:
     return (
         f"  {label:<16} {run['wall_s']:6.1f} s {run['patients'] / run['wall_s']:6.2f} patients/s"
+        f"  CPU {run['cpu_s']:6.1f} s {run['patients'] / run['cpu_s']:5.2f} patients/CPU-s"
         f" {run['files']:6d} files  slices {run['slices']}  peak PSS {run['pss_mb']:4.0f} MB"
         f" ({run['processes']} processes)  load {run['load']:.1f}"
     )
@@ -125,9 +143,10 @@ def main() -> None:
             print(
                 f"{SITES} x {size}: before {before['wall_s']:.1f} s, after {after['wall_s']:.1f} s"
                 + (" (goal <= 120 s)" if size == 200 else "")
-                + f"; before / after {before['wall_s'] / after['wall_s']:.1f}x (one worker "
+                + f"; wall before / after {before['wall_s'] / after['wall_s']:.1f}x (one worker "
                 f"{before['wall_s'] / serial['wall_s']:.1f}x, the pool "
-                f"{serial['wall_s'] / after['wall_s']:.1f}x); files {before['files']} -> "
+                f"{serial['wall_s'] / after['wall_s']:.1f}x); CPU before / after one worker "
+                f"{before['cpu_s'] / serial['cpu_s']:.1f}x; files {before['files']} -> "
                 f"{after['files']}"
             )
     finally:
