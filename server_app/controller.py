@@ -18,6 +18,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from jobs import keys
+from jobs.components import SERVER_CONTROLLER, has_variable_references, written_args
 from jobs.model import initial_weights, numpy_to_state
 from jobs.spec import parse_spec
 from jobs.transfer import pack_weights, unpack_weights, weight_layout
@@ -33,6 +34,7 @@ __all__ = ["FINAL_MODEL", "OUTPUT_FOLDER", "FedSegController"]
 
 OUTPUT_FOLDER = "fedseg"
 """Folder in the server's run directory holding history.json, progress.jsonl and the models."""
+SERVER_JOB_CONFIG = "config_fed_server.json"
 FINAL_MODEL = "final_model.pt"
 """Saved with ``final_model.manifest.json`` and ``final_model.manifest.sig`` beside it."""
 
@@ -61,7 +63,23 @@ class FedSegController(ModelController):
         super().__init__(persistor_id="")  # models are saved by this controller, per round
         # FedJob serialises constructor args from self._<arg>: keep the plain dict there.
         self._spec = spec
-        self._job_spec = parse_spec(spec, source="job config (spec)")
+        self._job_spec = None  # parsed in run(), once the spec is known to be the job's own
+
+    def _check_spec_as_written(self) -> None:
+        """Stop a job whose spec FLARE filled in with the server's variables (``{$ENV_VAR}``
+        references in its config): the run history, which the job's lead downloads, holds the
+        spec, and would carry the server's values out. Nothing of the filled-in spec is echoed."""
+        config = (
+            Path(self.engine.get_workspace().get_app_config_dir(self.fl_ctx.get_job_id()))
+            / SERVER_JOB_CONFIG
+        )
+        written = written_args(config, SERVER_CONTROLLER)
+        if written != {"spec": self._spec} or has_variable_references(written):
+            raise RuntimeError(
+                "the job's spec holds FLARE variable references ({...}) that the server would "
+                "fill in with its own values; fedseg refuses such a job (a fedseg spec never "
+                "needs them)"
+            )
 
     def _output_dir(self) -> Path:
         path = Path(self.get_run_dir()) / OUTPUT_FOLDER
@@ -166,6 +184,8 @@ class FedSegController(ModelController):
             self.info(f"live status command not available: {error}")
 
     def run(self) -> None:
+        self._check_spec_as_written()
+        self._job_spec = parse_spec(self._spec, source="job config (spec)")
         spec = self._job_spec
         sites = sorted(client.name for client in self.engine.get_clients())
         rounds = spec.training.rounds

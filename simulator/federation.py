@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
 from nvflare.fuel.utils.log_utils import default_log_dict
 from nvflare.recipe import SimEnv
 
-from jobs.flare_job import APP_PACKAGES, TB_FOLDER, FedSegRecipe
+from jobs.components import SERVER_COMPONENTS, SITE_COMPONENTS, TB_FOLDER
+from jobs.flare_job import FedSegRecipe
 from jobs.spec import JobSpec
 from server_app.controller import OUTPUT_FOLDER
 from server_app.history import RunHistory, SiteRound, read_history
+from site_app.site_mode import SIMULATION_SITE_CONFIGS_ENV
 from site_app.training import SITES_SHARING_DEVICE_ENV
 
 __all__ = [
@@ -104,14 +105,16 @@ def _write_site_configs(
 
 
 def _prepare_workspace(workspace: Path) -> Path:
-    """A fresh simulator workspace whose component policy admits fedseg's installed packages."""
+    """A fresh simulator workspace whose component policy admits exactly fedseg's components,
+    as a provisioned kit's does (``jobs.components``)."""
     if workspace.exists():
         shutil.rmtree(workspace)
     local = workspace / "local"
     local.mkdir(parents=True)
     resources = {
         "format_version": 2,
-        CLASS_ALLOW_LIST: [*DEFAULT_CLASS_ALLOW_LIST, *(f"{pkg}." for pkg in APP_PACKAGES)],
+        "class_list_enforcement_mode": "enforce",
+        CLASS_ALLOW_LIST: [*SITE_COMPONENTS, *SERVER_COMPONENTS],
     }
     (local / "resources.json").write_text(json.dumps(resources, indent=2))
     # FLARE's console output is reduced to errors; its full logs stay in the workspace.
@@ -237,7 +240,9 @@ def run_simulation(
     workspace = workspace_root / spec.name
     log_config = _prepare_workspace(workspace)
 
-    recipe = FedSegRecipe(spec, sites=sites, site_configs=site_configs, simulation=True)
+    # The same job a federation gets; only how its site processes are started (below) tells
+    # them they are simulated and where their configs are (site_app.site_mode).
+    recipe = FedSegRecipe(spec, sites=sites)
     recipe.add_server_config({"server": {"task_request_interval": TASK_REQUEST_INTERVAL_S}})
     env = SimEnv(
         clients=sites,
@@ -256,8 +261,12 @@ def run_simulation(
     started = time.perf_counter()
     cwd = os.getcwd()  # FLARE's simulator chdir()s into its workspace
     # Site processes inherit it: `threads` of them share the GPU, if there is one.
-    sharing_before = os.environ.get(SITES_SHARING_DEVICE_ENV)
-    os.environ[SITES_SHARING_DEVICE_ENV] = str(threads)
+    environment = {
+        SITES_SHARING_DEVICE_ENV: str(threads),
+        SIMULATION_SITE_CONFIGS_ENV: str(next(iter(site_configs.values())).parent),
+    }
+    before = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
         recipe.run(env)
     except Exception as error:
@@ -266,10 +275,11 @@ def run_simulation(
         ) from error
     finally:
         os.chdir(cwd)
-        if sharing_before is None:
-            os.environ.pop(SITES_SHARING_DEVICE_ENV, None)
-        else:
-            os.environ[SITES_SHARING_DEVICE_ENV] = sharing_before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         stop.set()
         tail.join()
     wall_s = time.perf_counter() - started

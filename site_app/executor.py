@@ -2,6 +2,11 @@
 
 Referenced by class path from the installed package (never shipped inside a job), so a job stays
 pure configuration. Only weights, counts, metrics and epsilon leave the site.
+
+What a job may set here is the spec (what to train), nothing else: the site's config and its
+mode (deployed or simulated) are the site's own (``site_app.site_mode``). A job that tries to set
+anything else, or whose spec FLARE rewrote with this site's variables (``{$VAR}`` references in
+the job's config), is refused with a reason the researcher sees in ``fedseg job status``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import logging
 from pathlib import Path
 
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -18,36 +23,57 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from jobs import keys
-from jobs.spec import parse_spec
+from jobs.components import SITE_EXECUTOR, has_variable_references, written_args
+from jobs.spec import JobSpecError, parse_spec
 from jobs.transfer import pack_weights, unpack_weights, weight_layout
 from site_app.local_job import LocalJob
 from site_app.policy import SiteRefusal
-from site_app.site_config import SITE_CONFIG_FILE, load_site_config
+from site_app.site_config import load_site_config, site_private_dir
+from site_app.site_mode import decide_site_mode
 
 __all__ = ["SiteTrainer"]
 
 log = logging.getLogger(__name__)
+
+CLIENT_JOB_CONFIG = "config_fed_client.json"
 
 
 class SiteTrainer(Executor):
     """FLARE executor for fedseg's ``train`` and ``validate`` tasks.
 
     Args:
-        spec: the JobSpec as plain data (``JobSpec.to_plain()``).
-        site_config: path of the site's fedseg config; empty = the startup kit's
-            ``<workspace>/local/fedseg_site.yaml``. The simulator passes one per simulated site.
-        simulation: True only when run by fedseg's simulator; allows seeded DP noise.
+        spec: the JobSpec as plain data (``JobSpec.to_plain()``): what to train.
+        job_settings: nothing else is accepted from a job. Any other argument (e.g. the
+            ``site_config`` path or ``simulation`` flag that older fedseg versions took from
+            the job) makes the site refuse the job.
     """
 
-    def __init__(self, spec: dict, site_config: str = "", simulation: bool = False) -> None:
+    def __init__(self, spec: dict, **job_settings) -> None:
         super().__init__()
         # FedJob serialises constructor args from self._<arg>: keep the plain dict there.
         self._spec = spec
-        self._job_spec = parse_spec(spec, source="job config (spec)")
-        self._site_config = site_config
-        self._simulation = simulation
+        self._unexpected_settings = job_settings
         self._job: LocalJob | None = None
         self._refused: str | None = None
+
+    def _check_unrewritten(self, fl_ctx: FLContext, site: str) -> None:
+        """Refuse a spec that FLARE rewrote with this site's variables: the job's config may
+        reference environment variables as ``{$NAME}``, and any spec value echoed back (a
+        refusal naming the job, say) would carry the site's secrets to the server."""
+        workspace = fl_ctx.get_engine().get_workspace()
+        config_dir = Path(workspace.get_app_config_dir(fl_ctx.get_job_id()))
+        raw = written_args(config_dir / CLIENT_JOB_CONFIG, SITE_EXECUTOR)
+        if raw is None:
+            raise SiteRefusal(
+                f"site {site} refuses the job: its {CLIENT_JOB_CONFIG} has no {SITE_EXECUTOR} "
+                "the site could read back"
+            )
+        if raw != {"spec": self._spec} or has_variable_references(raw):
+            raise SiteRefusal(
+                f"site {site} refuses the job: its spec holds FLARE variable references "
+                "({...}), which the site would fill in with its own values; a fedseg spec "
+                "never needs them"
+            )
 
     def _local_job(self, fl_ctx: FLContext) -> LocalJob:
         if self._refused:
@@ -55,16 +81,36 @@ class SiteTrainer(Executor):
         if self._job is None:
             workspace = fl_ctx.get_engine().get_workspace()
             root = Path(workspace.get_root_dir())
-            config_path = Path(self._site_config or root / "local" / SITE_CONFIG_FILE)
             site = fl_ctx.get_identity_name()
             try:
-                self._job = LocalJob(
-                    spec=self._job_spec,
+                if self._unexpected_settings:
+                    settings = ", ".join(sorted(self._unexpected_settings))
+                    raise SiteRefusal(
+                        f"site {site} refuses the job: it sets {settings} for the site's "
+                        "executor; a site reads only its own local/fedseg_site.yaml and decides "
+                        "its own mode (deployed or simulated); submit the job `fedseg job submit` "
+                        "builds"
+                    )
+                self._check_unrewritten(fl_ctx, site)
+                # Parsed only now: an error message quotes values, which must be the job's own.
+                try:
+                    spec = parse_spec(self._spec, source="job config (spec)")
+                except JobSpecError as error:
+                    raise SiteRefusal(f"site {site} refuses the job: {error}") from None
+                mode = decide_site_mode(
+                    workspace_root=root,
                     site=site,
-                    config=load_site_config(config_path),
+                    flare_simulator=bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False)),
+                )
+                config = load_site_config(mode.config_path)
+                self._job = LocalJob(
+                    spec=spec,
+                    site=site,
+                    config=config,
                     state_dir=root / "fedseg" / fl_ctx.get_job_id(),
-                    simulation=self._simulation,
+                    simulation=mode.simulation,
                     job_id=fl_ctx.get_job_id(),
+                    private_dir=site_private_dir(config, root),
                 )
             except SiteRefusal as refusal:
                 self._refused = str(refusal)  # the same answer for every later task of the job
@@ -79,7 +125,7 @@ class SiteTrainer(Executor):
         try:
             job = self._local_job(fl_ctx)
             incoming = FLModelUtils.from_shareable(shareable)
-            incoming.params = unpack_weights(incoming.params, weight_layout(self._job_spec.model))
+            incoming.params = unpack_weights(incoming.params, weight_layout(job.spec.model))
             round_index = int(incoming.meta.get(keys.ROUND, incoming.current_round or 0))
             if task_name == keys.TASK_VALIDATE:
                 # Subgroups only for the global model: another site's local model (cross-site
@@ -92,7 +138,7 @@ class SiteTrainer(Executor):
             else:
                 weights, meta = job.train_round(incoming.params, round_index)
                 outgoing = FLModel(
-                    params=pack_weights(weights, self._job_spec.federation.transfer_dtype),
+                    params=pack_weights(weights, job.spec.federation.transfer_dtype),
                     params_type=ParamsType.FULL,
                     meta=meta,
                     current_round=round_index,
