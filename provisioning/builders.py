@@ -5,8 +5,10 @@ FLARE's ``CertBuilder``), so certificates, mutual TLS and the kit layout stay FL
 
 - :class:`FedsegSiteBuilder` writes each participant's ``local/`` files: the fedseg site config
   (data path, privacy policy), FLARE's ``authorization.json`` (who may submit and run jobs;
-  custom code forbidden for every role), ``resources.json`` (the component allow-list admits
-  only FLARE's defaults and fedseg's installed packages) and ``privacy.json``.
+  custom code and shell commands forbidden for every role), ``resources.json`` (the component
+  allow-list admits exactly fedseg's components for that side, ``jobs.components``; sites do
+  not stream their logs to the server; the server keeps its job store in its own workspace) and
+  ``privacy.json``.
 - :class:`StartupSigningBuilder` signs every participant's ``startup/`` folder with the
   project's root CA key (FLARE's ``sign_folders``). FLARE verifies that signature when a server,
   site or admin console starts and refuses to run a kit whose startup files were changed.
@@ -19,23 +21,37 @@ import json
 from pathlib import Path
 
 import yaml
-from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
+from nvflare.app_common.logging.constants import ALLOW_LOG_STREAMING_VAR
+from nvflare.app_common.widgets.component_path_authorizer import (
+    CLASS_ALLOW_LIST,
+    CLASS_LIST_ENFORCEMENT_MODE,
+)
 from nvflare.lighter.constants import CtxKey, ProvFileName
 from nvflare.lighter.entity import Participant
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 from nvflare.lighter.utils import sign_folders
 
-from jobs.flare_job import APP_PACKAGES
+from jobs.components import SERVER_COMPONENTS, SITE_COMPONENTS
 
-__all__ = ["AUTHORIZATION", "FedsegSiteBuilder", "StartupSigningBuilder"]
+__all__ = [
+    "AUTHORIZATION",
+    "SERVER_WORKSPACE_ENV",
+    "FedsegSiteBuilder",
+    "StartupSigningBuilder",
+]
 
 SITE_CONFIG_FILE = "fedseg_site.yaml"  # same name site_app.site_config reads
 
+SERVER_WORKSPACE_ENV = "FEDSEG_SERVER_WORKSPACE"
+"""Exported by the server kit's ``startup/sub_start.sh`` (fedseg adds the line before signing):
+the server's workspace, where its ``resources.json`` keeps FLARE's job and snapshot stores."""
+
 # Rights per role at every site and at the server (FLARE's authorization.json format). Nobody may
 # run custom code ("byoc": "none"): a fedseg job is configuration; the code is the installed
-# package. Only the project admin and leads (researchers) submit jobs; org admins operate their
-# own site; members only view.
+# package. Nobody has a shell into any participant ("shell_commands": "none"): FLARE's ls, cat,
+# head, tail and grep would read a site's files. Only the project admin and leads (researchers)
+# submit jobs; org admins operate their own site; members only view. Documented, and compared
+# with this table by a test, in docs/project-admin.md ("Who can do what").
 _NO_CUSTOM_CODE = {"byoc": "none", "server-predeployed-flwr": "none"}
 AUTHORIZATION = {
     "format_version": "1.0",
@@ -47,7 +63,7 @@ AUTHORIZATION = {
             "download_job": "any",
             "view": "any",
             "operate": "any",
-            "shell_commands": "any",
+            "shell_commands": "none",
             "app_command": "any",
             **_NO_CUSTOM_CODE,
         },
@@ -58,7 +74,7 @@ AUTHORIZATION = {
             "download_job": "o:submitter",
             "view": "any",
             "operate": "o:site",
-            "shell_commands": "o:site",
+            "shell_commands": "none",
             "app_command": "o:submitter",
             **_NO_CUSTOM_CODE,
         },
@@ -68,7 +84,7 @@ AUTHORIZATION = {
             "manage_job": "n:submitter",
             "download_job": "n:submitter",
             "view": "any",
-            "operate": "o:site",
+            "operate": "none",
             "shell_commands": "none",
             "app_command": "n:submitter",  # `fedseg job status` asks its own running jobs
             **_NO_CUSTOM_CODE,
@@ -86,14 +102,61 @@ PRIVACY = {
 }
 
 
-def _resources(default_resources: Path) -> dict:
-    """FLARE's default resources.json for this kit with the allow-list narrowed to
-    FLARE's defaults plus fedseg's packages (enforced)."""
+_LOG_STREAMER = "nvflare.app_common.logging.site_log_streamer.SiteLogStreamer"
+
+
+def _site_resources(default_resources: Path) -> dict:
+    """FLARE's default client resources.json with the allow-list narrowed to exactly fedseg's
+    site components (enforced) and no log streaming: a site's logs stay at the site (FLARE's
+    ``SiteLogStreamer`` would add a log streamer to every job; with streaming off FLARE also
+    strips one a job declares). A site admin may opt in by editing this file."""
     resources = json.loads(default_resources.read_text()) if default_resources.is_file() else {}
     resources["format_version"] = 2
-    resources["class_list_enforcement_mode"] = "enforce"
-    resources[CLASS_ALLOW_LIST] = [*DEFAULT_CLASS_ALLOW_LIST, *(f"{p}." for p in APP_PACKAGES)]
+    resources[CLASS_LIST_ENFORCEMENT_MODE] = "enforce"
+    resources[CLASS_ALLOW_LIST] = list(SITE_COMPONENTS)
+    resources[ALLOW_LOG_STREAMING_VAR] = False
+    resources["components"] = [
+        c for c in resources.get("components", []) if c.get("path") != _LOG_STREAMER
+    ]
     return resources
+
+
+def _server_resources(default_resources: Path) -> dict:
+    """FLARE's default server resources.json with the allow-list narrowed to exactly fedseg's
+    server components (enforced), and the job and snapshot stores in the server's workspace
+    instead of FLARE's default under /tmp (world-readable on most machines, and shared by every
+    server there). The path is the workspace the kit's start script exports at run time
+    (``SERVER_WORKSPACE_ENV``), so the kit may be installed anywhere."""
+    resources = json.loads(default_resources.read_text()) if default_resources.is_file() else {}
+    resources["format_version"] = 2
+    resources[CLASS_LIST_ENFORCEMENT_MODE] = "enforce"
+    resources[CLASS_ALLOW_LIST] = list(SERVER_COMPONENTS)
+    workspace = "{$" + SERVER_WORKSPACE_ENV + "}"
+    for component in resources.get("components", []):
+        if component.get("id") == "job_manager":
+            component.setdefault("args", {})["uri_root"] = f"{workspace}/jobs-storage"
+    storage = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {})
+    if "args" in storage:
+        storage["args"]["root_dir"] = f"{workspace}/snapshot-storage"
+    return resources
+
+
+_EXPORT_LINE = 'export {name}="$WORKSPACE"  # fedseg: where resources.json keeps the job store\n'
+
+
+def _export_server_workspace(sub_start: Path) -> None:
+    """Make the server's start script export its workspace for ``_server_resources``' paths
+    (before ``startup/`` is signed)."""
+    text = sub_start.read_text()
+    anchor = "export MALLOC_ARENA_MAX"
+    if anchor not in text:
+        raise RuntimeError(
+            f"{sub_start}: FLARE's server start script changed (no {anchor!r} line); fedseg "
+            "cannot place the job store in the server's workspace"
+        )
+    line = _EXPORT_LINE.format(name=SERVER_WORKSPACE_ENV)
+    if line not in text:
+        sub_start.write_text(text.replace(anchor, line + anchor, 1))
 
 
 class FedsegSiteBuilder(Builder):
@@ -135,13 +198,17 @@ class FedsegSiteBuilder(Builder):
         return {"data_dir": self.data_dir, "policy": policy, **override}
 
     def build(self, project: Project, ctx: ProvisionContext) -> None:
-        participants = [project.get_server(), *project.get_clients()]
+        server = project.get_server()
+        participants = [server, *project.get_clients()]
         for participant in participants:
             local = Path(ctx.get_local_dir(participant))
             default_resources = local / "resources.json.default"
-            (local / "resources.json").write_text(
-                json.dumps(_resources(default_resources), indent=2)
+            resources = (
+                _server_resources(default_resources)
+                if participant is server
+                else _site_resources(default_resources)
             )
+            (local / "resources.json").write_text(json.dumps(resources, indent=2))
             (local / "authorization.json").write_text(json.dumps(AUTHORIZATION, indent=2))
             (local / "privacy.json").write_text(json.dumps(copy.deepcopy(PRIVACY), indent=2))
         for participant in project.get_clients():
@@ -152,6 +219,7 @@ class FedsegSiteBuilder(Builder):
                 + yaml.safe_dump(self._site_config(participant), sort_keys=False)
             )
             (local / SITE_CONFIG_FILE).write_text(text)
+        _export_server_workspace(Path(ctx.get_kit_dir(server)) / "sub_start.sh")  # startup/
 
 
 class StartupSigningBuilder(Builder):

@@ -111,20 +111,6 @@ def _point_sites_at_data(federation: Federation, data_dir: Path, workspace: Path
         path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def _keep_server_storage_in(federation: Federation, storage: Path) -> None:
-    """FLARE's server keeps jobs and snapshots under /tmp/nvflare by default, shared by every
-    server on the machine; a POC keeps its own under its workspace."""
-    path = federation.server_kit / "local" / "resources.json"
-    resources = json.loads(path.read_text())
-    for component in resources.get("components", []):
-        if component.get("id") == "job_manager":
-            component.setdefault("args", {})["uri_root"] = str(storage / "jobs-storage")
-    snapshot = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {})
-    if "args" in snapshot:
-        snapshot["args"]["root_dir"] = str(storage / "snapshot-storage")
-    path.write_text(json.dumps(resources, indent=2))
-
-
 def _environment() -> dict[str, str]:
     """The kits' scripts call ``python3``: make it this interpreter (the one with fedseg)."""
     env = dict(os.environ)
@@ -281,7 +267,6 @@ def start_poc(
     )
     federation = provision(project_file, workspace / "kits")
     _point_sites_at_data(federation, data_dir, workspace)
-    _keep_server_storage_in(federation, workspace / "server_storage")
     pids = {federation.server: start_participant(federation.server_kit)}
     state = PocState(kits_dir=str(federation.kits_dir), pids=pids)
     state.save(workspace)

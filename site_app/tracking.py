@@ -2,9 +2,12 @@
 
 A FLARE component that watches the site's own task results (no change to the executor): after a
 ``train`` or ``validate`` task it fires FLARE analytics events (``TBWriter`` syntax). A site-local
-``TBAnalyticsReceiver`` writes them into the site's run folder; ``ConvertToFedEvent`` forwards
+``SiteTensorBoardReceiver`` writes them into the site's run folder; ``MetricsToServer`` forwards
 them to the server's receiver. They carry only what the task result already sends the server:
 validation Dice and HD95, training loss and epsilon, never patient data.
+
+The receiver and the forwarder are FLARE's own classes with their settings fixed here, so a job
+cannot point them elsewhere (another folder, or other local events to forward to the server).
 """
 
 from __future__ import annotations
@@ -18,10 +21,19 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 
 from jobs import keys
+from jobs.components import TB_FOLDER
 
-__all__ = ["TRACKED_TAGS", "SiteMetricsTracker", "round_scalars"]
+__all__ = [
+    "TRACKED_TAGS",
+    "MetricsToServer",
+    "SiteMetricsTracker",
+    "SiteTensorBoardReceiver",
+    "round_scalars",
+]
 
 TRACKED_TAGS = (keys.VAL_DICE, keys.VAL_HD95_MM, keys.TRAIN_LOSS, keys.EPSILON)
 """Scalar tags a site writes; TensorBoard shows one chart per tag with one line per site."""
@@ -57,9 +69,8 @@ def round_scalars(task_name: str, round_index: int, meta: dict) -> list[tuple[st
 class SiteMetricsTracker(FLComponent):
     """Turns each ``train``/``validate`` result of this site into FLARE analytics events.
 
-    Needs, in the same site app, a ``TBAnalyticsReceiver`` (site-local event files) and/or
-    ``ConvertToFedEvent`` for ``analytix_log_stats`` (the server's event files);
-    ``jobs.flare_job.build_job`` adds both.
+    Needs, in the same site app, a ``SiteTensorBoardReceiver`` (site-local event files) and/or
+    ``MetricsToServer`` (the server's event files); ``jobs.flare_job.build_job`` adds both.
     """
 
     def __init__(self) -> None:
@@ -104,3 +115,19 @@ class SiteMetricsTracker(FLComponent):
                 global_step=step,
             )
             send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx, event_type=ANALYTIC_EVENT_TYPE)
+
+
+class SiteTensorBoardReceiver(TBAnalyticsReceiver):
+    """FLARE's TensorBoard receiver writing this site's metrics events under ``TB_FOLDER`` of the
+    site's run folder; takes no arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(tb_folder=TB_FOLDER, events=[ANALYTIC_EVENT_TYPE])
+
+
+class MetricsToServer(ConvertToFedEvent):
+    """FLARE's event forwarder, for the metrics events only (what the task results already
+    send the server); takes no arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(events_to_convert=[ANALYTIC_EVENT_TYPE])
