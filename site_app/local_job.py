@@ -60,6 +60,29 @@ def _derived_seed(seed: int, site: str, purpose: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _torch_state(random: np.random.RandomState) -> dict:
+    """A numpy RandomState's state as tensors and plain numbers (what ``torch.load`` with
+    ``weights_only=True`` reads back: a saved state must never be able to run code)."""
+    kind, key, position, has_gauss, cached = random.get_state()
+    return {
+        "kind": kind,
+        "key": torch.from_numpy(key.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _numpy_state(state: dict) -> tuple:
+    return (
+        state["kind"],
+        state["key"].numpy().astype(np.uint32),
+        state["position"],
+        state["has_gauss"],
+        state["cached_gaussian"],
+    )
+
+
 def _spec_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_plain(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -81,6 +104,9 @@ class LocalJob:
             ledger and key default to its parent folder (shared by all jobs).
         simulation: True only in the simulator; then a seeded spec also seeds DP noise.
         job_id: how this run is named in the site's epsilon ledger (FLARE's job id).
+        private_dir: the site's folder out of FLARE's reach (``site_config.site_private_dir``):
+            the job's quarantine list goes to ``<private_dir>/<job id>/``, and the cache
+            defaults to ``<private_dir>/cache``. None = ``state_dir``'s parent (tests, tools).
     """
 
     def __init__(
@@ -92,6 +118,7 @@ class LocalJob:
         state_dir: Path,
         simulation: bool,
         job_id: str | None = None,
+        private_dir: Path | None = None,
     ) -> None:
         self.spec = spec
         self.job_id = job_id or spec.name
@@ -106,15 +133,16 @@ class LocalJob:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
-        ingested = ingest_site(
-            config.data_dir, cache_dir=config.cache_dir or state_dir.parent / "cache"
-        )
-        write_quarantine(list(ingested.quarantine), state_dir / "quarantine.json")
+        private = private_dir if private_dir is not None else state_dir.parent
+        ingested = ingest_site(config.data_dir, cache_dir=config.cache_dir or private / "cache")
+        quarantine_path = private / self.job_id / "quarantine.json"
+        write_quarantine(list(ingested.quarantine), quarantine_path)
         log.info(
-            "%s: %d usable patients, %d quarantined item(s) (see quarantine.json)",
+            "%s: %d usable patients, %d quarantined item(s) (see %s)",
             site,
             len(ingested.patients),
             len(ingested.quarantine),
+            quarantine_path,
         )
         patients = prepare_patients(ingested.patients, spec.data)
         # Subgroup labels (sex, age band, vendor, thickness band) stay here, keyed locally.
@@ -250,13 +278,13 @@ class LocalJob:
             )
 
     def _restore_rng(self, states: dict) -> None:
-        self.dataset.random.set_state(states["crops"])
+        self.dataset.random.set_state(_numpy_state(states["crops"]))
         if "noise" in states:  # simulation only, see _rng_snapshot
             self.generators.sampler.set_state(states["sampler"])
             self.generators.noise.set_state(states["noise"])
 
     def _rng_snapshot(self) -> dict:
-        snapshot = {"crops": self.dataset.random.get_state(), "spec": self._fingerprint}
+        snapshot = {"crops": _torch_state(self.dataset.random), "spec": self._fingerprint}
         if self.simulation:
             # Only a simulation keeps the DP randomness, for reproducible restarts. A deployed
             # site never writes it anywhere: whoever read it could subtract the noise.

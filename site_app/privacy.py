@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,9 +265,18 @@ class DPState:
 
     @classmethod
     def load(cls, path: Path) -> DPState:
+        """The saved state, read with ``weights_only=True``: tensors, numbers, strings and
+        containers only, so a planted or altered state file cannot run code at the site."""
         if not path.exists():
             return cls()
-        raw = torch.load(path, weights_only=False)
+        try:
+            raw = torch.load(path, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"{path}: not a fedseg DP state: it holds objects other than tensors and "
+                "numbers, which the site never loads (they could run code); it was not written "
+                "by this site's fedseg: remove the job's state folder and run the job again"
+            ) from None
         return cls(
             history=[tuple(entry) for entry in raw["history"]],
             rounds_done=int(raw["rounds_done"]),

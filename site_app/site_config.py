@@ -14,7 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from site_app.policy import PrivacyPolicy
 
-__all__ = ["SITE_CONFIG_FILE", "SiteConfig", "SiteConfigError", "load_site_config"]
+__all__ = [
+    "SITE_CONFIG_FILE",
+    "SiteConfig",
+    "SiteConfigError",
+    "load_site_config",
+    "site_private_dir",
+]
 
 SITE_CONFIG_FILE = "fedseg_site.yaml"
 
@@ -29,7 +35,13 @@ class SiteConfig(BaseModel):
     data_dir: Path
     """Folder of the site's DICOM (read only; fedseg never writes into it)."""
     cache_dir: Path | None = None
-    """Where decoded volumes are cached; defaults to the site workspace."""
+    """Where decoded volumes and parsed headers are cached; default ``<private_dir>/cache``."""
+    private_dir: Path | None = None
+    """Folder for what must stay out of reach of FLARE's file commands (the cache, which holds
+    header fields such as UIDs, sex and age, and each job's quarantine list, which names files
+    of the data folder); default ``<workspace>-private`` beside the FLARE workspace (FLARE's
+    ``ls``/``cat``/``grep`` only read inside the workspace, and provisioning gives no role a
+    shell anyway)."""
     policy: PrivacyPolicy = PrivacyPolicy()
     """What this site allows (DP required, epsilon per job, minimum noise, delta, accountants)."""
     num_threads: Annotated[int, Field(ge=0)] = 0
@@ -58,6 +70,16 @@ def load_site_config(path: Path | str) -> SiteConfig:
             f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
         )
         raise SiteConfigError(f"{path}: {problems}; fix the field(s) in that file") from None
-    if not config.data_dir.is_absolute():
-        config = config.model_copy(update={"data_dir": (path.parent / config.data_dir).resolve()})
-    return config
+    # Relative paths are relative to the config file, never to wherever the site was started.
+    relative = {
+        name: (path.parent / value).resolve()
+        for name in ("data_dir", "cache_dir", "private_dir", "ledger", "signing_key")
+        if (value := getattr(config, name)) is not None and not value.is_absolute()
+    }
+    return config.model_copy(update=relative) if relative else config
+
+
+def site_private_dir(config: SiteConfig, workspace_root: Path) -> Path:
+    """Where the site keeps its cache and quarantine lists: outside the FLARE workspace."""
+    workspace_root = Path(workspace_root).resolve()
+    return config.private_dir or workspace_root.parent / f"{workspace_root.name}-private"

@@ -34,8 +34,9 @@ def test_a_round_returns_weights_and_the_metadata_the_server_needs(tiny_federati
     assert meta[keys.NUM_STEPS] == job.dp_settings.steps_per_round
     assert meta[keys.EPSILON] > 0
     assert keys.REFUSED not in meta
-    # Bad files were quarantined with reasons, next to the job's state, not in the data folder.
-    assert (tmp_path / "state" / "quarantine.json").is_file()
+    # Bad files were quarantined with reasons, in the site's private folder (the parent of the
+    # job's state when none is given), not in the data folder.
+    assert (tmp_path / job.job_id / "quarantine.json").is_file()
 
 
 def test_epsilon_grows_across_rounds_and_equals_the_accountant(tiny_federation, tmp_path):

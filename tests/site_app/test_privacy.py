@@ -116,3 +116,19 @@ def test_an_empty_poisson_batch_still_adds_noise_and_counts_a_step():
     after = list(module.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
     assert private.history == [(1.1, settings.sample_rate, 1)]
+
+
+def test_a_planted_state_file_cannot_run_code_at_the_site(tmp_path):
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "dp_state.pt"
+    torch.save({"history": [], "rounds_done": 1, "rng": {"x": Planted()}, "optimizer": None}, path)
+    with pytest.raises(ValueError, match="not a fedseg DP state"):
+        DPState.load(path)
+    assert not marker.exists()
