@@ -15,76 +15,21 @@ import yaml
 
 from jobs.flare_job import build_job
 from jobs.session import FederationError, download, job_status, open_session, submit
-from jobs.spec import load_spec, parse_spec
 from provisioning.poc import (
-    PocState,
     connected_sites,
     poc_processes,
     start_participant,
-    start_poc,
     stop_participant,
-    stop_poc,
 )
 from provisioning.provision import provision, template_text
 from server_app.history import read_history
 from server_app.report import write_report
-from simulator.synthetic_data import generate_federation_data
+from tests.provisioning.conftest import POLICY, site_private
+from tests.provisioning.conftest import poc_kit as _kit
+from tests.provisioning.conftest import poc_spec as _spec
+from tests.provisioning.conftest import wait_for_job as _wait
 
 pytestmark = pytest.mark.slow
-
-POLICY = {
-    "dp_required": True,
-    "max_epsilon_per_job": 8.0,
-    "min_noise_multiplier": 0.5,
-    "total_epsilon_budget": 1000.0,
-}
-TINY = {
-    "model": {"channels": [4, 8], "strides": [2], "roi_size": [16, 16, 16]},
-    "data": {"target_spacing_mm": [10.0, 10.0, 10.0], "val_fraction": 0.34},
-    "training": {"rounds": 2, "local_epochs": 1, "batch_size": 2},
-}
-
-
-def _spec(**sections):
-    """jobs/specs/demo.yaml (the default spec) with tiny settings and the given overrides."""
-    data = load_spec("jobs/specs/demo.yaml").to_plain()
-    for section, values in {**TINY, **sections}.items():
-        data[section] = {**data[section], **values}
-    return parse_spec(data)
-
-
-@pytest.fixture(scope="module")
-def poc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("poc")
-    data = root / "data"
-    generate_federation_data(out_dir=data, sites=2, patients_per_site=6, seed=0, matrix=32)
-    started = time.monotonic()
-    state = start_poc(root / "workspace", sites=2, data_dir=data)
-    print(f"\nPOC start to all sites connected: {time.monotonic() - started:.1f} s")
-    federation = state.federation
-    for kit in federation.sites.values():
-        path = kit / "local" / "fedseg_site.yaml"
-        config = yaml.safe_load(path.read_text())
-        config["policy"] = POLICY
-        path.write_text(yaml.safe_dump(config))
-    yield root / "workspace", state
-    stop_poc(root / "workspace")
-    assert poc_processes(Path(state.kits_dir)) == [], "POC processes left after stop"
-
-
-def _kit(state: PocState, role: str) -> Path:
-    federation = state.federation
-    return federation.admins[federation.admin_with_role(role)][1]
-
-
-def _wait(kit: Path, job_id: str, timeout_s: float = 420.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = job_status(kit, job_id)
-        if status.status.startswith("FINISHED"):
-            return status
-        time.sleep(3)
-    raise AssertionError(f"job {job_id} still {status.status} after {timeout_s} s")
 
 
 def test_the_default_spec_runs_end_to_end_through_the_session_api(poc, tmp_path):
@@ -101,6 +46,13 @@ def test_the_default_spec_runs_end_to_end_through_the_session_api(poc, tmp_path)
     for site in status.sites:
         assert site.refused is None and not site.missing_rounds
         assert 0 < site.epsilon <= POLICY["max_epsilon_per_job"]
+        # The site's quarantine list lands in its private folder, outside its FLARE workspace.
+        private = site_private(state, site.site)
+        assert (private / job_id / "quarantine.json").is_file()
+        assert not private.is_relative_to(state.federation.sites[site.site])
+    # FLARE's job store is in the server's workspace (its kit), not under /tmp.
+    assert (state.federation.server_kit / "jobs-storage" / job_id / "meta").is_file()
+    assert not Path("/tmp/nvflare/jobs-storage", job_id).exists()
 
     out = download(kit, job_id, tmp_path / "results")
     history = read_history(out / "history.json")
@@ -161,8 +113,7 @@ def test_a_job_breaking_site_policy_is_refused_and_the_researcher_sees_why(poc, 
     for site in status.sites:
         assert site.refused is not None and reason in site.refused, site
         # Refused before touching data: the site never ingested for this job.
-        site_kit = state.federation.sites[site.site]
-        assert not (site_kit / "fedseg" / job_id / "quarantine.json").exists()
+        assert not (site_private(state, site.site) / job_id / "quarantine.json").exists()
 
 
 def _connects_within(federation, site: str, seconds: float) -> bool:
