@@ -39,6 +39,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from jobs import keys
@@ -467,6 +468,11 @@ def _markdown(report: dict, history: RunHistory) -> str:
             f"- final model: {model['file']} sha256 {model['sha256'][:16]}…, signed "
             f"({model['signer_kind']}: {model['signer_subject']}); check it with "
             f"`fedseg model verify models/{model['file']}`"
+            + (
+                ""
+                if model["signer_kind"] == "simulation"
+                else " --kit KIT (any kit of the federation)"
+            )
         )
     parts += [
         "",
@@ -613,9 +619,9 @@ def rebuild_report(results_dir: Path) -> dict:
 
 
 def final_table(report: dict) -> Table:
-    table = Table(title=f"Final global model — {report['job']}")
+    table = Table(title=f"Final global model — {escape(str(report['job']))}")
     for column in _FINAL_HEADER:
         table.add_column(column, justify="left" if column == "site" else "right")
     for row in _final_rows(report):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # site names and reasons are text
     return table

@@ -35,6 +35,7 @@ matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -649,7 +650,7 @@ def _sweep_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
 
 def comparison_table(comparison: Comparison) -> Table:
     """The table for a terminal: per site "Dice | HD95", then means, epsilon (max over sites)."""
-    table = Table(title=f"Baselines, same training budget — {comparison.job}")
+    table = Table(title=f"Baselines, same training budget — {escape(comparison.job)}")
     table.add_column("method", no_wrap=True)
     for site in comparison.sites:
         table.add_column(f"{site}\nDice | HD95 mm", justify="right", no_wrap=True)
@@ -658,7 +659,7 @@ def comparison_table(comparison: Comparison) -> Table:
     for row in comparison.rows:
         by_site = {s.site: s for s in row.scores}
         table.add_row(
-            row.label,
+            escape(row.label),
             *(f"{_num(by_site[s].dice)} | {_hd95_cell(by_site[s])}" for s in comparison.sites),
             _num(row.mean_dice),
             _num(row.mean_hd95_mm, 1),
@@ -671,11 +672,11 @@ def comparison_table(comparison: Comparison) -> Table:
 
 def sweep_table(comparison: Comparison) -> Table:
     header, rows = _sweep_rows(comparison)
-    table = Table(title=f"Privacy–utility sweep — {comparison.job}")
+    table = Table(title=f"Privacy–utility sweep — {escape(comparison.job)}")
     for column in header:
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 

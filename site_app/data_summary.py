@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from site_app.ingestion import IngestionResult
@@ -100,5 +101,5 @@ def summary_table(summary: SiteDataSummary) -> Table:
     if not summary.quarantined_by_reason:
         table.add_row("Quarantined", "none")
     for reason, count in summary.quarantined_by_reason.items():
-        table.add_row(f"Quarantined: {reason}", str(count))
+        table.add_row(f"Quarantined: {escape(str(reason))}", str(count))
     return table

@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.spec import Accountant
@@ -706,7 +707,7 @@ def ledger_table(ledger: EpsilonLedger, *, budget: float | None) -> Table:
     entries = ledger.entries()
     spent = _spent_by_job(entries)
     total = sum(spent.values())
-    table = Table(title=f"Epsilon ledger ({ledger.path.name})", header_style="bold")
+    table = Table(title=f"Epsilon ledger ({escape(ledger.path.name)})", header_style="bold")
     for name in ("#", "Job", "Round", "Steps", "Sample rate", "Noise", "Accountant"):
         table.add_column(name, justify="left" if name in ("Job", "Accountant") else "right")
     for name in ("ε after", "δ", "Recorded (UTC)", "Hash"):
@@ -714,7 +715,7 @@ def ledger_table(ledger: EpsilonLedger, *, budget: float | None) -> Table:
     for index, entry in enumerate(entries):
         table.add_row(
             str(index),
-            entry.job,
+            escape(entry.job),
             str(entry.round),
             str(entry.steps),
             f"{entry.sample_rate:.4g}",
