@@ -349,16 +349,35 @@ def _site_import(args: argparse.Namespace) -> None:
 
 
 def _spec_check(args: argparse.Namespace) -> None:
-    from jobs.model import build_network, dp_incompatibilities
+    from jobs.model import (
+        build_network,
+        dp_incompatibilities,
+        trainable_names,
+        unmatched_trainable_patterns,
+    )
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec)
-    problems = dp_incompatibilities(build_network(spec.model)) if spec.privacy.enabled else []
+    network = build_network(spec.model)
+    problems = dp_incompatibilities(network) if spec.privacy.enabled else []
     if problems:
         raise _UserError(
             f"{args.spec}: the model cannot be trained with DP:\n  " + "\n  ".join(problems)
         )
-    console.print(f"[green]ok[/green] {escape(args.spec)}: job '{escape(spec.name)}' is valid")
+    unmatched = unmatched_trainable_patterns(network, spec.training.trainable)
+    if unmatched:
+        names = ", ".join(name for name, _ in network.named_parameters())
+        raise _UserError(
+            f"{args.spec}: training.trainable: {unmatched} match no parameter of this network; "
+            f"its parameters are: {names}"
+        )
+    chosen = set(trainable_names(network, spec.training.trainable))
+    trained = sum(p.numel() for n, p in network.named_parameters() if n in chosen)
+    total = sum(p.numel() for p in network.parameters())
+    console.print(
+        f"[green]ok[/green] {escape(args.spec)}: job '{escape(spec.name)}' is valid; "
+        f"{trained:,} of {total:,} parameters train"
+    )
 
 
 # -- report and model ----------------------------------------------------------------------------
@@ -600,9 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
     pacs.set_defaults(handler=_site_import)
 
-    from fedseg import deploy_cli
+    from fedseg import deploy_cli, privacy_cli
 
     deploy_cli.register(commands, _int_at_least)
+    privacy_cli.register(commands, sim_commands, _int_at_least)
 
     report = commands.add_parser(
         "report", help="rebuild report, plots and model card from a results folder"

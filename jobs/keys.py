@@ -7,9 +7,9 @@ TASK_TRAIN = "train"
 TASK_VALIDATE = "validate"
 
 # FLModel.meta keys sent by a site with its result (plain numbers and strings, no patient data).
-NUM_PATIENTS = "num_patients"  # aggregation weight: training patients at the site
+NUM_PATIENTS = "num_patients"  # aggregation weight: training patients (DP: the noised count)
 NUM_STEPS = "num_steps"  # optimizer steps taken this round
-TRAIN_LOSS = "train_loss"
+TRAIN_LOSS = "train_loss"  # only without DP (computed on training patients, un-noised)
 VAL_DICE = "val_dice"  # Dice of the model the site *received*, on its held-out patients
 VAL_PATIENTS = "val_patients"
 VAL_HD95_MM = "val_hd95_mm"  # mean 95th-percentile Hausdorff distance (mm) where it is defined
@@ -18,10 +18,13 @@ VAL_LESION_VOLUMES = "val_lesion_volumes"  # held-out volumes with a lesion (wha
 SUBGROUPS = "subgroups"  # final global model only: list of subgroup cells, small ones never sent
 EPSILON = "epsilon"  # privacy spent so far in this job, after this round (None when DP is off)
 DELTA = "delta"
-NOISE_MULTIPLIER = "noise_multiplier"
+NOISE_MULTIPLIER = "noise_multiplier"  # DP-SGD's, for the whole job
+SAMPLE_RATE = "sample_rate"  # DP-SGD's Poisson rate (1 / steps per epoch)
+COUNT_NOISE_STD = "count_noise_std"  # noise of the released patient count (NUM_PATIENTS)
+ACCOUNTANT = "accountant"  # rdp or prv: how EPSILON was computed
 BUDGET_LEFT = "budget_left"  # the site's total epsilon budget minus all jobs' spend (if it has one)
 REFUSED = "refused"  # present (a plain-language reason) when the site declines the round
-ELAPSED_S = "elapsed_s"
+ELAPSED_S = "elapsed_s"  # only without DP (a step's time grows with its batch)
 LOCAL_MODEL_SHAREABLE = "local_model_shareable"  # the site allows its update to go to other sites
 
 # FLModel.meta keys sent by the server with a task.

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "JobSpec",
     "JobSpecError",
+    "ModelInit",
     "ModelSpec",
     "Network",
     "Optimizer",
@@ -76,6 +77,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MODEL_FILE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+"""A weights file's name: one plain file name, no folder, no ``..``, no FLARE ``{...}``."""
+
+
+class ModelInit(_Strict):
+    """Saved weights the job starts from (e.g. a model pretrained on public data), instead of a
+    random initialisation. Read by whoever starts the job: the server (from its model store,
+    ``<server workspace>/local/models/``), or the simulator and baselines (from the spec's
+    folder); never by a site, which always trains from the global model it receives."""
+
+    file: Annotated[str, Field(pattern=MODEL_FILE_PATTERN)]
+    """File name in the model store: a torch state dict (``torch.save``) of this network."""
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    """sha256 of the file (lower-case hex): a file with another hash is refused."""
+
+
 class ModelSpec(_Strict):
     """The 3D segmentation network; built identically on server and sites by jobs.model."""
 
@@ -86,6 +103,8 @@ class ModelSpec(_Strict):
     norm: Norm = Norm.INSTANCE
     roi_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (32, 32, 32)
     """Training crop and sliding-window size in voxels (rows, cols, slices)."""
+    init: ModelInit | None = None
+    """Start from these weights; null = random weights from ``training.seed``."""
 
     @model_validator(mode="after")
     def _check_unet_shape(self) -> Self:
@@ -135,7 +154,8 @@ class TrainingSpec(_Strict):
     local_epochs: PositiveInt = 1
     """Passes over the site's patients per round; one pass = ceil(patients / batch_size) steps."""
     batch_size: PositiveInt = 4
-    """Patients per step; with DP, Poisson-sampled at rate 1 / ceil(patients / batch_size)."""
+    """Patients per step; with DP, the expected number: Poisson-sampled at rate
+    1 / ceil(released count / batch_size), the released count being the site's DP-noised one."""
     lr: PositiveFloat = 1e-3
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
     """constant, or cosine: the learning rate falls from ``lr`` towards 0 over the job's
@@ -145,6 +165,14 @@ class TrainingSpec(_Strict):
     """SGD momentum (ignored by Adam)."""
     seed: int | None = 0
     """Seeds data splits, crops and (simulation only) DP noise. null = unseeded."""
+    trainable: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.*?\[\]-]+$")], ...] = ("*",)
+    """Which parameters train, as patterns over their names (``fnmatch``, e.g. ``"*.bias"`` or
+    ``"model.2.*"``; ``fedseg spec check`` lists the names). The others stay as received: with
+    DP they get no noise and do not count towards the noise a site must add. ``["*"]`` = all."""
+    crops_per_patient: Annotated[int, Field(ge=1, le=16)] = 1
+    """Random crops of each sampled patient per step (augmentation multiplicity). With DP their
+    gradients are averaged *before* the one per-patient clip, so the patient stays the unit and
+    its contribution stays bounded by ``privacy.max_grad_norm``."""
 
 
 class PrivacySpec(_Strict):
@@ -156,6 +184,10 @@ class PrivacySpec(_Strict):
     """Epsilon for the whole job (all rounds x local epochs); the noise is derived from it once."""
     max_grad_norm: PositiveFloat = 1.0
     """Per-patient gradient clipping bound (L2)."""
+    count_noise_std: Annotated[float, Field(ge=1.0)] = 10.0
+    """Std (patients) of the Gaussian noise on the patient count a site publishes (the FedAvg
+    weight, and what its sampling rate and steps are derived from); accounted in the job's
+    epsilon. The exact count never leaves the site."""
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     accountant: Accountant = Accountant.RDP
     grad_sample_mode: GradSampleMode = GradSampleMode.GROUPED

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from jobs import keys
 from jobs.components import SERVER_CONTROLLER, has_variable_references, written_args
-from jobs.model import initial_weights, numpy_to_state
+from jobs.model import ModelInitError, initial_weights, numpy_to_state
 from jobs.spec import parse_spec
 from jobs.transfer import pack_weights, unpack_weights, weight_layout
 from server_app.aggregation import SiteUpdate, fed_avg
@@ -30,11 +32,23 @@ from server_app.model_manifest import (
     write_signed_manifest,
 )
 
-__all__ = ["FINAL_MODEL", "OUTPUT_FOLDER", "FedSegController"]
+__all__ = [
+    "FINAL_MODEL",
+    "MODEL_STORE",
+    "OUTPUT_FOLDER",
+    "SIMULATION_MODEL_STORE_ENV",
+    "FedSegController",
+]
 
 OUTPUT_FOLDER = "fedseg"
 """Folder in the server's run directory holding history.json, progress.jsonl and the models."""
 SERVER_JOB_CONFIG = "config_fed_server.json"
+MODEL_STORE = "models"
+"""Folder in the server's ``local/`` where the weights a spec starts from (``model.init``) are
+kept: the server reads a job's initial weights from there only."""
+SIMULATION_MODEL_STORE_ENV = "FEDSEG_SIMULATION_MODEL_STORE"
+"""Set by fedseg's simulator for its server process: the folder to read ``model.init`` from
+(the spec's folder). Honoured only inside FLARE's simulator."""
 FINAL_MODEL = "final_model.pt"
 """Saved with ``final_model.manifest.json`` and ``final_model.manifest.sig`` beside it."""
 
@@ -171,6 +185,14 @@ class FedSegController(ModelController):
             signer=signer,
         )
 
+    def _model_store(self) -> Path:
+        """Where this server reads ``model.init`` from: its own ``local/models/``; in fedseg's
+        simulator (FLARE's simulator mark plus the simulator's environment) the spec's folder."""
+        simulated = self.fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False)
+        if simulated and os.environ.get(SIMULATION_MODEL_STORE_ENV):
+            return Path(os.environ[SIMULATION_MODEL_STORE_ENV])
+        return Path(self.engine.get_workspace().get_site_config_dir()) / MODEL_STORE
+
     def _answer_status_requests(self, history: RunHistory) -> None:
         """``fedseg job status`` asks a running job through FLARE's app command; the answer is
         the history so far (site names, rounds, metrics, epsilon, refusals: no patient data)."""
@@ -194,7 +216,15 @@ class FedSegController(ModelController):
         )
         history_path = self._output_dir() / "history.json"
         self._answer_status_requests(history)
-        weights = initial_weights(spec.model, spec.training.seed)
+        try:
+            weights = initial_weights(
+                spec.model, spec.training.seed, model_store=self._model_store()
+            )
+        except ModelInitError as error:  # the file's name and hash are the spec's own
+            history.stopped_reason = f"the server refused the initial weights: {error}"
+            self.warning(history.stopped_reason)
+            write_history(history, history_path)
+            return
         self._save_model(weights, "global_model_round_0.pt")
         mean_dice_by_model: dict[int, float] = {}
         # Each site's last aggregated local model (round, weights), kept for cross-site

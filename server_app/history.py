@@ -43,6 +43,14 @@ class SiteRound:
     subgroups: list[dict] | None = None
     """Final phase only: the site's subgroup cells (``jobs.keys.CELL_*``); small cells never
     arrive (the site drops them)."""
+    noise_multiplier: float | None = None
+    """DP-SGD's noise multiplier (the same every round of a job)."""
+    sample_rate: float | None = None
+    """DP-SGD's Poisson rate; with ``num_steps`` per round and the count release, everything
+    an independent accountant needs to recompute ``epsilon``."""
+    count_noise_std: float | None = None
+    """Std of the noise on ``num_patients`` (a DP release: one Gaussian step at rate 1)."""
+    accountant: str | None = None
 
     @classmethod
     def from_meta(cls, site: str, round_index: int, meta: dict, phase: str = "train") -> SiteRound:
@@ -64,6 +72,10 @@ class SiteRound:
             val_hd95_missing=meta.get(keys.VAL_HD95_MISSING),
             val_lesion_volumes=meta.get(keys.VAL_LESION_VOLUMES),
             subgroups=meta.get(keys.SUBGROUPS),
+            noise_multiplier=meta.get(keys.NOISE_MULTIPLIER),
+            sample_rate=meta.get(keys.SAMPLE_RATE),
+            count_noise_std=meta.get(keys.COUNT_NOISE_STD),
+            accountant=meta.get(keys.ACCOUNTANT),
         )
 
     @classmethod

@@ -27,7 +27,7 @@ from nvflare.recipe import SimEnv
 from jobs.components import SERVER_COMPONENTS, SITE_COMPONENTS, TB_FOLDER
 from jobs.flare_job import FedSegRecipe
 from jobs.spec import JobSpec
-from server_app.controller import OUTPUT_FOLDER
+from server_app.controller import OUTPUT_FOLDER, SIMULATION_MODEL_STORE_ENV
 from server_app.history import RunHistory, SiteRound, read_history
 from site_app.site_mode import SIMULATION_SITE_CONFIGS_ENV
 from site_app.training import SITES_SHARING_DEVICE_ENV
@@ -206,6 +206,7 @@ def run_simulation(
     on_record: Callable[[SiteRound], None] | None = None,
     site_policies: dict[str, dict] | None = None,
     cache_dir: Path | None = None,
+    model_store: Path | None = None,
 ) -> SimulationResult:
     """Run ``spec`` over every site folder in ``data_dir``; results go to ``out_dir``.
 
@@ -218,6 +219,8 @@ def run_simulation(
             ``{"site-2": {"max_epsilon_per_job": 8}}`` to simulate one strict hospital.
         cache_dir: root of the per-site caches of decoded volumes (``<cache_dir>/<site>``);
             default ``out_dir/cache``. Runs over the same data may share one.
+        model_store: where the simulated server reads ``model.init``'s file (a deployed server
+            reads its own ``local/models/``); the CLI passes the spec's folder.
     """
     data_dir = Path(data_dir).resolve()
     out_dir = Path(out_dir).resolve()
@@ -264,6 +267,7 @@ def run_simulation(
     environment = {
         SITES_SHARING_DEVICE_ENV: str(threads),
         SIMULATION_SITE_CONFIGS_ENV: str(next(iter(site_configs.values())).parent),
+        SIMULATION_MODEL_STORE_ENV: str(Path(model_store or ".").resolve()),
     }
     before = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)

@@ -96,16 +96,26 @@ def split_patients(
 ) -> tuple[tuple[PreparedPatient, ...], tuple[PreparedPatient, ...]]:
     """Deterministic (train, val) split by patient; every patient lands in exactly one side.
 
-    Sites with fewer than 2 patients keep them all for training and validate on none.
+    Each patient's side depends on that patient alone: held out when a hash of (seed, its key)
+    falls below ``val_fraction``. Adding or removing one patient therefore moves no other
+    patient between the sides, as the per-patient DP guarantee on the training patients needs
+    (a split by rank would shift the boundary). Only where that leaves a side empty (a handful
+    of patients) is the split by rank instead. Sites with fewer than 2 patients keep them all
+    for training and validate on none.
     """
     salt = str(seed if seed is not None else 0)
 
-    def rank(patient: PreparedPatient) -> str:
-        return hashlib.sha256(f"{salt}:{patient.patient_key}".encode()).hexdigest()
+    def draw(patient: PreparedPatient) -> int:
+        return int(hashlib.sha256(f"{salt}:{patient.patient_key}".encode()).hexdigest(), 16)
 
-    ordered = sorted(patients, key=rank)
+    ordered = sorted(patients, key=draw)
     if len(ordered) < 2:
         return tuple(ordered), ()
+    threshold = val_fraction * 2**256
+    val = tuple(p for p in ordered if draw(p) < threshold)
+    train = tuple(p for p in ordered if draw(p) >= threshold)
+    if val and train:
+        return train, val
     n_val = min(len(ordered) - 1, max(1, round(len(ordered) * val_fraction)))
     return tuple(ordered[n_val:]), tuple(ordered[:n_val])
 
@@ -114,11 +124,23 @@ BODY_THRESHOLD = 0.05
 """Windowed intensity above which a voxel counts as body (air and most fat fall below)."""
 
 
-class PatientCropDataset(torch.utils.data.Dataset):
-    """Item i = one random ROI crop (image, label), each (1, *roi), from patient i.
+def _patient_number(patient_key: str) -> int:
+    """A stable number for a patient (from its local key), independent of who else is there."""
+    return int.from_bytes(hashlib.sha256(patient_key.encode()).digest()[:8], "little")
 
-    ``lesion_crop_fraction`` of crops are lesion-centred when the volume has lesion voxels. The
-    random state is a numpy RandomState owned by the dataset, saved and restored with the job.
+
+class PatientCropDataset(torch.utils.data.Dataset):
+    """Item i = ``crops_per_patient`` random ROI crops (image, label) of patient i: each
+    (1, *roi) for one crop, (K, 1, *roi) for K > 1.
+
+    ``lesion_crop_fraction`` of crops are lesion-centred when the volume has lesion voxels.
+
+    Each patient's crops have their own randomness: the k-th time patient p is drawn, its crops
+    come from a generator seeded with (``seed``, p's key, k). Adding or removing one patient
+    therefore changes no other patient's crops, as the per-patient DP guarantee assumes (one
+    shared generator would shift every later patient's crops). ``seed`` is the site's secret in
+    deployment (drawn from the OS) and derived from the spec's seed in simulation; ``draws``
+    (how often each patient was drawn) is saved and restored with the job.
     """
 
     def __init__(
@@ -128,9 +150,15 @@ class PatientCropDataset(torch.utils.data.Dataset):
         roi_size: tuple[int, int, int],
         lesion_crop_fraction: float,
         seed: int,
+        crops_per_patient: int = 1,
     ) -> None:
+        if crops_per_patient < 1:
+            raise ValueError(f"crops_per_patient must be at least 1, got {crops_per_patient}")
         self.patients = tuple(patients)
-        self.random = np.random.RandomState(seed % (2**32))
+        self.seed = int(seed)
+        self.crops_per_patient = crops_per_patient
+        self._numbers = [_patient_number(p.patient_key) for p in self.patients]
+        self.draws = [0] * len(self.patients)
         self._pad = SpatialPadd(keys=("image", "label"), spatial_size=roi_size)
         self._crop = RandCropByPosNegLabeld(
             keys=("image", "label"),
@@ -146,16 +174,26 @@ class PatientCropDataset(torch.utils.data.Dataset):
             num_samples=1,
             allow_smaller=False,
         )
-        # Shared state object: saving self.random captures every draw the crop makes.
-        self._crop.set_random_state(state=self.random)
 
     def __len__(self) -> int:
         return len(self.patients)
 
+    def _random(self, index: int) -> np.random.RandomState:
+        draw = self.draws[index]
+        self.draws[index] = draw + 1
+        entropy = np.random.SeedSequence([self.seed, self._numbers[index], draw])
+        return np.random.RandomState(entropy.generate_state(1)[0])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         patient = self.patients[index]
-        volume = patient.volumes[self.random.randint(len(patient.volumes))]
-        sample = self._crop(self._pad({"image": volume.image, "label": volume.label}))[0]
-        image = torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32)
-        label = torch.as_tensor(np.asarray(sample["label"]), dtype=torch.float32)
-        return image, label
+        random = self._random(index)
+        self._crop.set_random_state(state=random)
+        images, labels = [], []
+        for _ in range(self.crops_per_patient):
+            volume = patient.volumes[random.randint(len(patient.volumes))]
+            sample = self._crop(self._pad({"image": volume.image, "label": volume.label}))[0]
+            images.append(torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32))
+            labels.append(torch.as_tensor(np.asarray(sample["label"]), dtype=torch.float32))
+        if self.crops_per_patient == 1:
+            return images[0], labels[0]
+        return torch.stack(images), torch.stack(labels)

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from jobs import keys
-from jobs.model import build_network, numpy_to_state, state_to_numpy
+from jobs.model import (
+    build_network,
+    freeze_untrainable,
+    numpy_to_state,
+    state_to_numpy,
+    unmatched_trainable_patterns,
+)
 from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
@@ -28,7 +34,10 @@ from site_app.privacy import (
     DPSettings,
     DPState,
     PrivateTraining,
+    dp_loader,
+    epsilon_spent,
     projected_epsilon,
+    release_patient_count,
     resolve_dp_settings,
     unseeded_generator,
 )
@@ -58,29 +67,6 @@ class SiteDataError(RuntimeError):
 def _derived_seed(seed: int, site: str, purpose: str) -> int:
     digest = hashlib.sha256(f"{seed}:{site}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _torch_state(random: np.random.RandomState) -> dict:
-    """A numpy RandomState's state as tensors and plain numbers (what ``torch.load`` with
-    ``weights_only=True`` reads back: a saved state must never be able to run code)."""
-    kind, key, position, has_gauss, cached = random.get_state()
-    return {
-        "kind": kind,
-        "key": torch.from_numpy(key.astype(np.int64)),
-        "position": int(position),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def _numpy_state(state: dict) -> tuple:
-    return (
-        state["kind"],
-        state["key"].numpy().astype(np.uint32),
-        state["position"],
-        state["has_gauss"],
-        state["cached_gaussian"],
-    )
 
 
 def _spec_fingerprint(spec: JobSpec) -> str:
@@ -181,14 +167,20 @@ class LocalJob:
 
     def _build_training(self) -> None:
         training = self.spec.training
-        crop_seed = self._seed_for("crops")
-        if crop_seed is None:
+        # Crops are per-patient randomness of the DP mechanism (dataset docstring): seeded
+        # only in simulation; a deployed site draws its crop seed from the OS, once per job,
+        # and keeps it with the job's state (restarts continue the same crops).
+        crop_seed = self._seed_for("crops") if self.simulation else None
+        if self.state.rounds_done:
+            crop_seed = int(self.state.rng_states["crop_seed"])
+        elif crop_seed is None:
             crop_seed = int(unseeded_generator().initial_seed())
         self.dataset = PatientCropDataset(
             self.train_patients,
             roi_size=self.spec.model.roi_size,
             lesion_crop_fraction=self.spec.data.lesion_crop_fraction,
             seed=crop_seed,
+            crops_per_patient=training.crops_per_patient,
         )
         dp = self.spec.privacy.enabled
         # Every site on the one GPU when there is one, with a bounded share of its memory.
@@ -207,30 +199,54 @@ class LocalJob:
                 torch.channels_last_3d if self.placement.channels_last else torch.preserve_format
             ),
         )
-        optimizer = make_optimizer(training, self.network.parameters())
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=min(training.batch_size, len(self.dataset)),
-            shuffle=True,
-            generator=self.generators.sampler,
+        unmatched = unmatched_trainable_patterns(self.network, training.trainable)
+        if unmatched:
+            raise SiteRefusal(
+                f"site {self.site} refuses job {self.spec.name}: training.trainable {unmatched} "
+                "match no parameter of the network (`fedseg spec check` lists them)"
+            )
+        # Frozen parameters keep the global model's values: no gradient, no DP noise.
+        self.trainable_scalars = freeze_untrainable(self.network, training.trainable)
+        optimizer = make_optimizer(
+            training, [p for p in self.network.parameters() if p.requires_grad]
         )
         self.dp_settings: DPSettings | None = None
         self.private: PrivateTraining | None = None
         if dp:
+            if self.state.released_patients is None:
+                # Published once per job (re-drawing would be a second release), noised with
+                # the DP noise generator; its cost opens the job's accountant history.
+                self.state.released_patients = release_patient_count(
+                    len(self.train_patients),
+                    noise_std=self.spec.privacy.count_noise_std,
+                    generator=self.generators.noise,
+                )
             self.dp_settings = resolve_dp_settings(
                 self.spec.privacy,
-                num_patients=len(self.train_patients),
+                released_patients=self.state.released_patients,
                 batch_size=training.batch_size,
                 local_epochs=training.local_epochs,
                 rounds=training.rounds,
             )
+            if not self.state.history:
+                self.state.history = [self.dp_settings.count_release]
             self._check_resolved_privacy(self.dp_settings)
             self.private = PrivateTraining(self.dp_settings, noise_generator=self.generators.noise)
             self.model, self.optimizer, self.loader = self.private.make_private(
-                module=self.network, optimizer=optimizer, data_loader=loader
+                module=self.network,
+                optimizer=optimizer,
+                data_loader=dp_loader(
+                    self.dataset, self.dp_settings, generator=self.generators.sampler
+                ),
             )
             self.private.restore_history(self.state.history)
         else:
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=min(training.batch_size, len(self.dataset)),
+                shuffle=True,
+                generator=self.generators.sampler,
+            )
             self.model, self.optimizer, self.loader = self.network, optimizer, loader
         if self.state.rounds_done:
             self._restore_rng(self.state.rng_states)
@@ -278,13 +294,17 @@ class LocalJob:
             )
 
     def _restore_rng(self, states: dict) -> None:
-        self.dataset.random.set_state(_numpy_state(states["crops"]))
+        self.dataset.draws = [int(count) for count in states["crop_draws"].tolist()]
         if "noise" in states:  # simulation only, see _rng_snapshot
             self.generators.sampler.set_state(states["sampler"])
             self.generators.noise.set_state(states["noise"])
 
     def _rng_snapshot(self) -> dict:
-        snapshot = {"crops": _torch_state(self.dataset.random), "spec": self._fingerprint}
+        snapshot = {
+            "crop_seed": self.dataset.seed,
+            "crop_draws": torch.tensor(self.dataset.draws, dtype=torch.int64),
+            "spec": self._fingerprint,
+        }
         if self.simulation:
             # Only a simulation keeps the DP randomness, for reproducible restarts. A deployed
             # site never writes it anywhere: whoever read it could subtract the noise.
@@ -369,15 +389,19 @@ class LocalJob:
         """Validate the received global model, train locally, and return (weights, metadata)."""
         started = time.perf_counter()
         meta = self.validate(weights)
-        meta.update({keys.NUM_PATIENTS: len(self.train_patients), keys.DELTA: None})
+        # With DP the aggregation weight is the released (noised) count: the exact one is
+        # never sent. Without DP the site publishes its exact count (docs/privacy.md).
+        patients = len(self.train_patients)
+        if self.dp_settings is not None:
+            patients = self.dp_settings.released_patients
+        meta.update({keys.NUM_PATIENTS: patients, keys.DELTA: None})
         # Other sites may evaluate this update (cross-site) only if it is a DP release or the
         # site's policy does not require DP; the server never forwards it otherwise.
         meta[keys.LOCAL_MODEL_SHAREABLE] = (
             self.spec.privacy.enabled or not self.config.policy.dp_required
         )
         if self.dp_settings is not None:
-            meta[keys.DELTA] = self.dp_settings.delta
-            meta[keys.NOISE_MULTIPLIER] = self.dp_settings.noise_multiplier
+            meta.update(self._accounting_meta())
         reason = self._refusal()
         if reason:
             log.warning(reason)
@@ -401,6 +425,23 @@ class LocalJob:
         self.state.optimizer = self.optimizer.state_dict()
 
         if self.private is not None:
+            if self.state.rounds_done == 0:
+                # The job's first entry is its patient-count release (one step at rate 1), so
+                # the ledger lists every mechanism of the job, in the accountant's own terms.
+                self.ledger.append(
+                    job=self.job_id,
+                    round=round_index,
+                    steps=1,
+                    sample_rate=1.0,
+                    noise_multiplier=self.dp_settings.count_noise_std,
+                    accountant=self.dp_settings.accountant,
+                    epsilon_after=epsilon_spent(
+                        [self.dp_settings.count_release],
+                        accountant=self.dp_settings.accountant,
+                        delta=self.dp_settings.delta,
+                    ),
+                    delta=self.dp_settings.delta,
+                )
             self.state.history = self.private.history
             # The ledger first: a crash before the state save re-runs the round and records it
             # twice, which over-counts (safe) rather than under-counts.
@@ -421,10 +462,25 @@ class LocalJob:
         meta.update(
             {
                 keys.NUM_STEPS: stats.steps,
-                keys.TRAIN_LOSS: None if math.isnan(stats.mean_loss) else stats.mean_loss,
                 keys.EPSILON: self.epsilon(),
                 keys.BUDGET_LEFT: self._budget_left(),
-                keys.ELAPSED_S: round(time.perf_counter() - started, 3),
             }
         )
+        if self.dp_settings is None:
+            # Computed on the training patients without noise (the loss), or telling how many
+            # patients each step held (the time): sent only when the job is not DP.
+            meta[keys.TRAIN_LOSS] = None if math.isnan(stats.mean_loss) else stats.mean_loss
+            meta[keys.ELAPSED_S] = round(time.perf_counter() - started, 3)
         return state_to_numpy(self.network.state_dict()), meta
+
+    def _accounting_meta(self) -> dict:
+        """What an auditor needs to recompute this site's epsilon with any accountant: every
+        mechanism of the job so far as (noise multiplier, sample rate, steps), and delta."""
+        settings = self.dp_settings
+        return {
+            keys.DELTA: settings.delta,
+            keys.NOISE_MULTIPLIER: settings.noise_multiplier,
+            keys.SAMPLE_RATE: settings.sample_rate,
+            keys.COUNT_NOISE_STD: settings.count_noise_std,
+            keys.ACCOUNTANT: settings.accountant,
+        }

@@ -24,6 +24,7 @@ __all__ = [
     "OnDevice",
     "RoundStats",
     "apply_placement",
+    "average_crop_gradients",
     "device_placement",
     "make_loss",
     "round_learning_rates",
@@ -170,6 +171,27 @@ def make_optimizer(
     return torch.optim.SGD(parameters, lr=training.lr, momentum=training.momentum)
 
 
+def average_crop_gradients(optimizer: torch.optim.Optimizer, crops: int) -> None:
+    """Turn per-crop gradients into per-patient ones: every parameter's ``grad_sample``
+    (B*K, *shape), crops of one patient adjacent, becomes their mean (B, *shape).
+
+    Opacus then clips each row, so what one patient adds to a step is bounded by the clip norm
+    whatever K is (augmentation multiplicity: less variance per patient at the same privacy).
+    A no-op without per-sample gradients (no DP).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            samples = getattr(param, "grad_sample", None)
+            if samples is None:
+                continue
+            if samples.shape[0] % crops:
+                raise ValueError(
+                    f"average_crop_gradients: {samples.shape[0]} per-sample gradients are not "
+                    f"whole patients of {crops} crops"
+                )
+            param.grad_sample = samples.reshape(-1, crops, *samples.shape[1:]).mean(dim=1)
+
+
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     """An Opacus step for an empty Poisson batch: no gradient, but noise is still added.
 
@@ -223,10 +245,14 @@ def train_epochs(
     loss_fn: nn.Module,
     lr_per_epoch: Sequence[float] | None = None,
 ) -> RoundStats:
-    """Run ``epochs`` passes of ``loader``; each batch is (image, label), both (B, 1, *roi).
+    """Run ``epochs`` passes of ``loader``; each batch is (image, label), both (B, 1, *roi), or
+    (B, K, 1, *roi) with K crops per patient (``training.crops_per_patient``).
 
-    Batches are moved to the model's device and memory format. ``lr_per_epoch`` (one learning
-    rate per pass) is set on every parameter group before its pass; None keeps the optimizer's.
+    K crops are one network batch of B*K; under DP each patient's K per-crop gradients are then
+    averaged into one (``average_crop_gradients``) before Opacus clips it, so the patient stays
+    the unit. Batches are moved to the model's device and memory format. ``lr_per_epoch`` (one
+    learning rate per pass) is set on every parameter group before its pass; None keeps the
+    optimizer's.
     """
     if lr_per_epoch is not None and len(lr_per_epoch) != epochs:
         raise ValueError(f"train_epochs: {len(lr_per_epoch)} learning rates for {epochs} epochs")
@@ -240,6 +266,10 @@ def train_epochs(
             for group in optimizer.param_groups:
                 group["lr"] = lr_per_epoch[epoch]
         for image, label in loader:
+            crops = 1
+            if image.dim() == 6:  # (B, K, 1, *roi): K crops of each patient
+                crops = image.shape[1]
+                image, label = image.flatten(0, 1), label.flatten(0, 1)
             image = image.to(device, memory_format=layout, non_blocking=True)
             label = label.to(device, memory_format=layout, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -248,6 +278,8 @@ def train_epochs(
             else:
                 loss = loss_fn(model(image), label)
                 loss.backward()
+                if crops > 1:
+                    average_crop_gradients(optimizer, crops)
                 optimizer.step()
                 losses.append(float(loss.detach()))
             steps += 1

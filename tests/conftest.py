@@ -12,7 +12,12 @@ TINY_SPEC = {
     "model": {"channels": [4, 8], "strides": [2], "roi_size": [16, 16, 16]},
     "data": {"target_spacing_mm": [10.0, 10.0, 10.0], "val_fraction": 0.34},
     "training": {"rounds": 2, "local_epochs": 1, "batch_size": 2, "lr": 0.003, "seed": 0},
-    "privacy": {"enabled": True, "noise_multiplier": 1.0, "grad_sample_mode": "functorch"},
+    "privacy": {
+        "enabled": True,
+        "noise_multiplier": 1.0,
+        "count_noise_std": 1.0,  # the released count of a 2-patient site stays near 2
+        "grad_sample_mode": "functorch",
+    },
     "federation": {"min_clients": 2},
 }
 

@@ -4,7 +4,8 @@ import torch
 from monai.networks.nets import UNet
 
 from jobs.model import build_network, dp_incompatibilities, initial_weights, state_to_numpy
-from jobs.spec import ModelSpec
+from jobs.spec import JobSpecError, ModelSpec
+from tests.conftest import tiny_spec
 
 
 @pytest.mark.parametrize(
@@ -43,3 +44,58 @@ def test_batchnorm_is_reported_with_its_submodule_path():
 def test_only_a_leading_opacus_prefix_is_stripped():
     state = {"_module.a._module.b": torch.zeros(1), "c": torch.ones(1)}
     assert set(state_to_numpy(state)) == {"a._module.b", "c"}
+
+
+# -- model.init: the weights a job starts from, checked against their sha256 ---------------------
+
+
+def _saved_weights(tmp_path, spec, seed=3):
+    from jobs.model import file_sha256, numpy_to_state
+
+    path = tmp_path / "public.pt"
+    torch.save(numpy_to_state(initial_weights(spec.model, seed)), path)
+    return path, file_sha256(path)
+
+
+def test_init_weights_load_when_their_hash_matches(tmp_path):
+    spec = tiny_spec()
+    path, digest = _saved_weights(tmp_path, spec)
+    with_init = tiny_spec(model={"init": {"file": path.name, "sha256": digest}})
+    loaded = initial_weights(with_init.model, 0, model_store=tmp_path)
+    expected = initial_weights(spec.model, 3)
+    assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("hash", "model.init.sha256: .* has sha256 .*, the spec says 0{64}; refusing"),
+        ("missing", "model.init.file: .*other.pt not found"),
+        ("store", "needs a model store"),
+        ("network", "does not hold this network's weights"),
+    ],
+)
+def test_init_weights_are_refused_naming_the_problem(tmp_path, change, message):
+    from jobs.model import ModelInitError
+
+    spec = tiny_spec()
+    path, digest = _saved_weights(tmp_path, spec)
+    init = {"file": path.name, "sha256": digest}
+    model = {}
+    if change == "hash":
+        init["sha256"] = "0" * 64
+    if change == "missing":
+        init["file"] = "other.pt"
+    if change == "network":
+        model = {"channels": [4, 8, 16], "strides": [2, 2]}
+    with_init = tiny_spec(model={**model, "init": init})
+    with pytest.raises(ModelInitError, match=message):
+        initial_weights(with_init.model, 0, model_store=None if change == "store" else tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape.pt", "/etc/passwd", "a/b.pt", "x{$HOME}.pt", ".hidden"]
+)
+def test_init_file_is_a_plain_name_in_the_model_store(name):
+    with pytest.raises(JobSpecError, match=r"model\.init\.file"):
+        tiny_spec(model={"init": {"file": name, "sha256": "0" * 64}})

@@ -30,7 +30,8 @@ def test_a_round_returns_weights_and_the_metadata_the_server_needs(tiny_federati
     weights, meta = job.train_round(start, 0)
     assert set(weights) == set(start)
     assert any(not np.array_equal(weights[k], start[k]) for k in start)
-    assert meta[keys.NUM_PATIENTS] == len(job.train_patients) >= 1
+    # The weight the site publishes is its DP-noised count, never the exact one.
+    assert meta[keys.NUM_PATIENTS] == job.dp_settings.released_patients >= 1
     assert meta[keys.NUM_STEPS] == job.dp_settings.steps_per_round
     assert meta[keys.EPSILON] > 0
     assert keys.REFUSED not in meta
@@ -49,8 +50,9 @@ def test_epsilon_grows_across_rounds_and_equals_the_accountant(tiny_federation, 
     assert epsilons[0] < epsilons[1] < epsilons[2]
     settings = job.dp_settings
     steps = 3 * settings.steps_per_round
+    # The job's mechanisms: the released count, then every DP-SGD step.
     expected = epsilon_spent(
-        [(settings.noise_multiplier, settings.sample_rate, steps)],
+        [settings.count_release, (settings.noise_multiplier, settings.sample_rate, steps)],
         accountant="rdp",
         delta=settings.delta,
     )

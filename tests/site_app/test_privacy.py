@@ -9,6 +9,7 @@ from jobs.spec import PrivacySpec
 from site_app.privacy import (
     DPState,
     PrivateTraining,
+    dp_loader,
     epsilon_spent,
     projected_epsilon,
     resolve_dp_settings,
@@ -28,24 +29,36 @@ def _tiny_private(settings, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 1))
     data = TensorDataset(torch.randn(10, 8), torch.randn(10, 1))
-    loader = DataLoader(data, batch_size=4, generator=torch.Generator().manual_seed(seed))
+    loader = dp_loader(data, settings, generator=torch.Generator().manual_seed(seed))
     private = PrivateTraining(settings, noise_generator=torch.Generator().manual_seed(seed))
-    module, optimizer, dp_loader = private.make_private(
+    module, optimizer, loader = private.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader
     )
-    return private, module, optimizer, dp_loader
+    return private, module, optimizer, loader
 
 
 def _settings(**privacy):
     spec = PrivacySpec(**({"noise_multiplier": 1.1} | privacy))
-    return resolve_dp_settings(spec, num_patients=10, batch_size=4, local_epochs=2, rounds=3)
+    return resolve_dp_settings(spec, released_patients=10, batch_size=4, local_epochs=2, rounds=3)
 
 
-def test_sampling_rate_and_steps_follow_patients():
+def test_sampling_rate_and_steps_follow_the_released_count():
     settings = _settings()
-    # Opacus's loader convention: ceil(10 / 4) = 3 steps per epoch, q = 1/3.
+    # ceil(10 / 4) = 3 steps per epoch, q = 1/3, the noised sum divided by 10 / 3.
     assert settings.sample_rate == pytest.approx(1 / 3)
     assert settings.steps_per_round == 2 * 3
+    assert settings.expected_batch_size == pytest.approx(10 / 3)
+
+
+def test_make_private_needs_the_poisson_loader_of_the_released_count():
+    settings = _settings()
+    private = PrivateTraining(settings, noise_generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Linear(8, 1)
+    plain = DataLoader(TensorDataset(torch.randn(10, 8), torch.randn(10, 1)), batch_size=4)
+    with pytest.raises(TypeError, match="dp_loader"):
+        private.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=plain
+        )
 
 
 def test_epsilon_grows_each_round_and_matches_an_independent_computation():
@@ -102,10 +115,12 @@ def test_projection_is_the_epsilon_after_the_next_round():
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_target_epsilon_is_met_over_the_whole_job_not_per_round(accountant):
     settings = _settings(noise_multiplier=None, target_epsilon=4.0, accountant=accountant)
-    whole_job = [(settings.noise_multiplier, settings.sample_rate, 3 * settings.steps_per_round)]
+    # The whole job: the released count first, then every round's DP-SGD steps.
+    whole_job = settings.job_history(rounds=3)
+    assert whole_job[0] == (settings.count_noise_std, 1.0, 1)
     spent = epsilon_spent(whole_job, accountant=accountant, delta=settings.delta)
     assert spent <= 4.0
-    assert spent > 3.5  # the noise is not wildly over-provisioned either
+    assert spent > 3.96  # calibrated to the target, not over-provisioned
 
 
 def test_an_empty_poisson_batch_still_adds_noise_and_counts_a_step():

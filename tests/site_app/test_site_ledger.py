@@ -43,11 +43,16 @@ def _ledger(tmp_path):
 
 
 def test_every_round_is_recorded_with_what_the_site_reported(tiny_federation, tmp_path):
-    metas = _rounds(_job(tiny_federation, tmp_path, "job-a"), 2)
-    entries = _ledger(tmp_path).entries()
-    assert [(e.job, e.round) for e in entries] == [("job-a", 0), ("job-a", 1)]
-    assert [e.epsilon_after for e in entries] == [m[keys.EPSILON] for m in metas]
-    assert all(e.steps == m[keys.NUM_STEPS] for e, m in zip(entries, metas, strict=True))
+    job = _job(tiny_federation, tmp_path, "job-a")
+    metas = _rounds(job, 2)
+    count, *rounds = _ledger(tmp_path).entries()
+    # First the job's patient-count release (one Gaussian step at rate 1), then each round.
+    assert (count.job, count.round, count.steps, count.sample_rate) == ("job-a", 0, 1, 1.0)
+    assert count.noise_multiplier == job.dp_settings.count_noise_std
+    assert [(e.job, e.round) for e in rounds] == [("job-a", 0), ("job-a", 1)]
+    assert [e.epsilon_after for e in rounds] == [m[keys.EPSILON] for m in metas]
+    assert all(e.steps == m[keys.NUM_STEPS] for e, m in zip(rounds, metas, strict=True))
+    assert 0 < count.epsilon_after < rounds[0].epsilon_after
 
 
 def test_the_budget_spans_jobs_and_refuses_exactly_the_round_that_would_pass_it(
