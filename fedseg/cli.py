@@ -147,6 +147,7 @@ def _simulate_run(args: argparse.Namespace) -> None:
             out_dir=Path(args.out),
             threads=args.threads,
             on_record=on_record,
+            model_store=Path(args.spec).resolve().parent,  # where model.init's file is
         )
     report = write_report(
         result.history, spec=spec.to_plain(), out_dir=result.out_dir, wall_s=result.wall_s
@@ -193,6 +194,7 @@ def _simulate_compare(args: argparse.Namespace) -> None:
             epsilons=args.epsilons or (),
             threads=args.threads,
             console=console,
+            model_store=Path(args.spec).resolve().parent,
         )
     except CompareError as error:
         raise _UserError(str(error)) from None

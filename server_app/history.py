@@ -51,6 +51,10 @@ class SiteRound:
     count_noise_std: float | None = None
     """Std of the noise on ``num_patients`` (a DP release: one Gaussian step at rate 1)."""
     accountant: str | None = None
+    ledger_entries: int | None = None
+    """Entries in the site's epsilon ledger after this round, and the start of its last entry's
+    hash: a count that falls between rounds or jobs shows a ledger rolled back."""
+    ledger_head: str | None = None
 
     @classmethod
     def from_meta(cls, site: str, round_index: int, meta: dict, phase: str = "train") -> SiteRound:
@@ -76,6 +80,8 @@ class SiteRound:
             sample_rate=meta.get(keys.SAMPLE_RATE),
             count_noise_std=meta.get(keys.COUNT_NOISE_STD),
             accountant=meta.get(keys.ACCOUNTANT),
+            ledger_entries=meta.get(keys.LEDGER_ENTRIES),
+            ledger_head=meta.get(keys.LEDGER_HEAD),
         )
 
     @classmethod

@@ -20,12 +20,19 @@ import torch
 from torch import nn
 
 from jobs import keys
-from jobs.model import build_network, initial_weights, numpy_to_state, state_to_numpy
+from jobs.model import (
+    build_network,
+    freeze_untrainable,
+    initial_weights,
+    numpy_to_state,
+    state_to_numpy,
+)
 from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, PreparedPatient, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
 from site_app.ingestion import ingest_site
 from site_app.local_job import LocalJob
+from site_app.policy import PrivacyPolicy
 from site_app.site_config import SiteConfig
 from site_app.training import make_loss, make_optimizer, round_learning_rates, train_epochs
 
@@ -79,14 +86,19 @@ def _seed(seed: int | None, purpose: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _site_config(data_dir: Path, site: str, cache_dir: Path, num_threads: int) -> SiteConfig:
-    # Baselines are the researcher's own comparison on simulated data: DP is not required.
+def _site_config(
+    data_dir: Path, site: str, cache_dir: Path, num_threads: int, state_dir: Path
+) -> SiteConfig:
+    # Baselines are the researcher's own comparison on simulated data: DP is not required, and
+    # each site alone keeps its own ledger (a local-only run with DP is a job of its own).
     return SiteConfig.model_validate(
         {
             "data_dir": data_dir / site,
             "cache_dir": cache_dir / site,
             "num_threads": num_threads,
-            "policy": {"dp_required": False},
+            "ledger": state_dir / "epsilon_ledger.jsonl",
+            "signing_key": state_dir / "site_key.pem",
+            "policy": PrivacyPolicy.for_simulated_data(),
         }
     )
 
@@ -115,16 +127,16 @@ def train_local_only(
     state_dir: Path,
     num_threads: int | None = None,
     on_round: RoundCallback | None = None,
-) -> dict[str, Weights]:
+    model_store: Path | None = None,
+) -> dict[str, tuple[Weights, float | None]]:
     """Each site trains alone: ``rounds`` x ``local_epochs`` epochs on its own training patients.
 
     Exactly a one-site federation: the site's ``LocalJob`` runs ``train_round`` on its own
     weights every round (its optimizer state carries over, as at a federated site), from the
-    federation's initial weights. ``spec`` must have DP off. ``state_dir`` is wiped first.
-    Returns each site's final weights.
+    federation's initial weights (``model_store``: where ``model.init``'s file is). With DP in
+    ``spec`` each site spends its own epsilon, as it would in the federation. ``state_dir`` is
+    wiped first. Returns each site's final weights and epsilon (None without DP).
     """
-    if spec.privacy.enabled:
-        raise ValueError("train_local_only: the local-only baseline runs without DP")
     threads = num_threads or os.cpu_count() or 1
     final = {}
     for site in sites:
@@ -133,17 +145,17 @@ def train_local_only(
         job = LocalJob(
             spec=spec,
             site=site,
-            config=_site_config(data_dir, site, cache_dir, threads),
-            state_dir=site_state,
+            config=_site_config(data_dir, site, cache_dir, threads, site_state),
+            state_dir=site_state / "job",
             simulation=True,
-            job_id=f"{spec.name}-local-only",
+            job_id=f"{spec.name}-local-only-{site}",
         )
-        weights = initial_weights(spec.model, spec.training.seed)
+        weights = initial_weights(spec.model, spec.training.seed, model_store=model_store)
         for round_index in range(spec.training.rounds):
             weights, meta = job.train_round(weights, round_index)
             if on_round:
                 on_round(site, round_index, meta)
-        final[site] = weights
+        final[site] = (weights, job.epsilon())
     return final
 
 
@@ -153,13 +165,14 @@ def train_pooled(
     *,
     num_threads: int | None = None,
     on_round: RoundCallback | None = None,
+    model_store: Path | None = None,
 ) -> Weights:
     """Centralized training on the union of every site's training patients (no DP).
 
     Same budget as the federation in epochs: ``rounds`` x ``local_epochs`` passes over the
-    pooled patients with the same batch size, optimizer, learning rate and initial weights (one
-    optimizer throughout, as each federated site keeps its own across rounds), so the only
-    difference to FedAvg is where the data sits.
+    pooled patients with the same batch size, optimizer, learning rate, initial weights and
+    trainable parameters (one optimizer throughout, as each federated site keeps its own across
+    rounds), so the only difference to FedAvg is where the data sits.
     """
     training = spec.training
     torch.set_num_threads(num_threads or os.cpu_count() or 1)
@@ -171,6 +184,7 @@ def train_pooled(
         roi_size=spec.model.roi_size,
         lesion_crop_fraction=spec.data.lesion_crop_fraction,
         seed=_seed(training.seed, "crops"),
+        crops_per_patient=training.crops_per_patient,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -179,8 +193,10 @@ def train_pooled(
         generator=torch.Generator().manual_seed(_seed(training.seed, "sampler")),
     )
     network = build_network(spec.model)
-    network.load_state_dict(numpy_to_state(initial_weights(spec.model, training.seed)))
-    optimizer = make_optimizer(training, network.parameters())
+    start = initial_weights(spec.model, training.seed, model_store=model_store)
+    network.load_state_dict(numpy_to_state(start))
+    freeze_untrainable(network, training.trainable)  # the same parameters train as at a site
+    optimizer = make_optimizer(training, [p for p in network.parameters() if p.requires_grad])
     loss_fn = make_loss()
     for round_index in range(training.rounds):
         stats = train_epochs(

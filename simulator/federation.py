@@ -29,6 +29,7 @@ from jobs.flare_job import FedSegRecipe
 from jobs.spec import JobSpec
 from server_app.controller import OUTPUT_FOLDER, SIMULATION_MODEL_STORE_ENV
 from server_app.history import RunHistory, SiteRound, read_history
+from site_app.policy import PrivacyPolicy
 from site_app.site_mode import SIMULATION_SITE_CONFIGS_ENV
 from site_app.training import SITES_SHARING_DEVICE_ENV
 
@@ -97,7 +98,9 @@ def _write_site_configs(
             "num_threads": site_threads,
             # Simulated sites are the researcher's own: non-DP baselines are allowed here.
             # A hospital's own config keeps the default, DP required.
-            "policy": {"dp_required": False, **site_policies.get(site, {})},
+            "policy": PrivacyPolicy.for_simulated_data(**site_policies.get(site, {})).model_dump(
+                mode="json"
+            ),
         }
         path.write_text(yaml.safe_dump(config, sort_keys=True))
         paths[site] = path

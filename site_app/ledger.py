@@ -245,6 +245,7 @@ class EpsilonLedger:
             )
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
+        self.reservations_path = self.path.with_name(self.path.name + ".reserved")
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._private_key = private_key
         self._public_key = public_key
@@ -304,6 +305,83 @@ class EpsilonLedger:
     def spent_by_job(self) -> dict[str, float]:
         """Job -> its epsilon after its latest recorded round, in order of first appearance."""
         return _spent_by_job(self.entries())
+
+    def head(self) -> tuple[int, str]:
+        """(entries, hash of the last entry): what a round reports, so that the server's history
+        would show the ledger rolled back (the count falls, or the hash of an old count returns)."""
+        entries = self.entries()
+        return len(entries), entries[-1].entry_hash if entries else GENESIS_HASH
+
+    def reservations(self) -> dict[str, dict[str, float]]:
+        """Job -> {"epsilon", "delta"} each job reserved at its start (``reserve``)."""
+        with self._lock(exclusive=False):
+            return self._read_reservations()
+
+    def reserve(
+        self,
+        *,
+        job: str,
+        epsilon: float,
+        delta: float,
+        epsilon_budget: float | None,
+        delta_budget: float | None,
+    ) -> str | None:
+        """Reserve a whole job's projected ``epsilon`` and ``delta`` before it trains, against
+        every other job's larger of spent and reserved, in one step under the ledger's lock:
+        two jobs starting at once cannot both fit in a budget that holds only one.
+
+        Returns the reason the job does not fit (nothing reserved), or None (reserved). A job
+        that reserved before (a restarted site) keeps its reservation. A job that ends early
+        keeps counting at what it reserved: safe, and visible in ``fedseg site ledger``.
+        """
+        with self._lock(exclusive=True):
+            reading = self._read()
+            if reading.problems:
+                raise LedgerTampered(self.path, reading.problems)
+            reserved = self._read_reservations()
+            if job in reserved:
+                return None
+            spent = _spent_by_job(reading.entries)
+            deltas = {entry.job: entry.delta for entry in reading.entries}
+            jobs = (set(spent) | set(reserved)) - {job}
+            others_epsilon = sum(
+                max(spent.get(j, 0.0), reserved.get(j, {}).get("epsilon", 0.0)) for j in jobs
+            )
+            others_delta = sum(
+                max(deltas.get(j, 0.0), reserved.get(j, {}).get("delta", 0.0)) for j in jobs
+            )
+            if epsilon_budget is not None and others_epsilon + epsilon > epsilon_budget * (
+                1 + 1e-9
+            ):
+                return (
+                    f"the dataset's epsilon would reach {others_epsilon + epsilon:.3f} "
+                    f"({others_epsilon:.3f} spent or reserved by {len(jobs)} other job(s) + "
+                    f"{epsilon:.3f} for this whole job), above this site's "
+                    f"total_epsilon_budget ({epsilon_budget:g})"
+                )
+            if delta_budget is not None and others_delta + delta > delta_budget * (1 + 1e-9):
+                return (
+                    f"the dataset's delta would reach {others_delta + delta:.3g} "
+                    f"({others_delta:.3g} of other jobs + {delta:g}), above this site's delta "
+                    f"budget ({delta_budget:.3g})"
+                )
+            reserved[job] = {"epsilon": float(epsilon), "delta": float(delta)}
+            _write_atomic(self.reservations_path, _canonical(reserved) + b"\n")
+        return None
+
+    def _read_reservations(self) -> dict[str, dict[str, float]]:
+        try:
+            raw = self.reservations_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise LedgerTampered(
+                self.reservations_path,
+                [f"{self.reservations_path.name}: not valid JSON; it was edited or corrupted"],
+            ) from None
+        return data if isinstance(data, dict) else {}
 
     def total_spent(self) -> float:
         """Total epsilon spent on this site's data: the sum of each job's final epsilon.

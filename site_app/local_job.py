@@ -29,7 +29,7 @@ from site_app.dataset import PatientCropDataset, prepare_patients, split_patient
 from site_app.evaluation import evaluate_patients, summarize
 from site_app.ingestion import ingest_site
 from site_app.ledger import EpsilonLedger, LedgerTampered, generate_site_key
-from site_app.policy import SiteRefusal, job_policy_problems
+from site_app.policy import SiteRefusal, default_max_delta, job_policy_problems
 from site_app.privacy import (
     DPSettings,
     DPState,
@@ -230,7 +230,8 @@ class LocalJob:
             )
             if not self.state.history:
                 self.state.history = [self.dp_settings.count_release]
-            self._check_resolved_privacy(self.dp_settings)
+            self._check_whole_job(self.dp_settings)
+            self._check_state_against_ledger()
             self.private = PrivateTraining(self.dp_settings, noise_generator=self.generators.noise)
             self.model, self.optimizer, self.loader = self.private.make_private(
                 module=self.network,
@@ -259,6 +260,17 @@ class LocalJob:
         path = self.config.ledger or self.state_dir.parent / "epsilon_ledger.jsonl"
         key = self.config.signing_key or self.state_dir.parent / "site_key.pem"
         if not key.exists():
+            existing = [p for p in (path, path.with_name(path.name + ".head")) if p.exists()]
+            if existing:
+                # A new key would make the old ledger unverifiable, and a fresh ledger would
+                # look like a site that never spent anything.
+                raise SiteRefusal(
+                    f"site {self.site} refuses to train: its ledger signing key {key} is missing "
+                    f"but its epsilon ledger exists ({existing[0]}); restore the key from the "
+                    "site's backup (never create a new one for an existing ledger); if it is "
+                    "lost, keep the ledger as the record of what was spent and treat the "
+                    "dataset's budget as used up"
+                )
             key.parent.mkdir(parents=True, exist_ok=True)
             generate_site_key(key)
             log.warning("created the site's ledger signing key %s (keep it private)", key)
@@ -272,8 +284,10 @@ class LocalJob:
             )
         return ledger
 
-    def _check_resolved_privacy(self, settings: DPSettings) -> None:
-        """Policy checks that need the site's patient count (noise of a target, delta bound)."""
+    def _check_whole_job(self, settings: DPSettings) -> None:
+        """Before the first round: the whole job's privacy against this site's policy (noise,
+        epsilon, delta), then its epsilon and delta reserved against the site's budget, in one
+        step with every other job's (two jobs starting at once cannot both overspend)."""
         policy = self.config.policy
         problems = []
         if settings.noise_multiplier < policy.min_noise_multiplier:
@@ -282,15 +296,56 @@ class LocalJob:
                 f"{settings.noise_multiplier:.3f}, below this site's minimum of "
                 f"{policy.min_noise_multiplier:g}"
             )
-        max_delta = policy.max_delta or 1.0 / len(self.train_patients)
-        if settings.delta > max_delta:
+        whole = epsilon_spent(
+            settings.job_history(self.spec.training.rounds),
+            accountant=settings.accountant,
+            delta=settings.delta,
+        )
+        limit = policy.max_epsilon_per_job
+        if limit is not None and whole > limit * (1 + 1e-9):
             problems.append(
-                f"privacy.delta is {settings.delta:g}, above {max_delta:g} "
-                "(1 / training patients here, unless the site policy sets max_delta)"
+                f"the whole job would spend epsilon {whole:.3f} at this site, above this site's "
+                f"max_epsilon_per_job ({limit:g})"
             )
+        delta_budget = policy.max_delta or default_max_delta(len(self.train_patients))
+        if settings.delta > delta_budget:
+            problems.append(
+                f"privacy.delta is {settings.delta:g}, above {delta_budget:.3g} (this site's "
+                "max_delta, or 1 / N^1.1 for its N training patients)"
+            )
+        if not problems:
+            reason = self.ledger.reserve(
+                job=self.job_id,
+                epsilon=whole,
+                delta=settings.delta,
+                epsilon_budget=policy.total_epsilon_budget,
+                delta_budget=delta_budget,
+            )
+            if reason:
+                problems.append(reason)
         if problems:
             raise SiteRefusal(
                 f"site {self.site} refuses job {self.spec.name}: " + "; ".join(problems)
+            )
+
+    def _check_state_against_ledger(self) -> None:
+        """A restarted site continues from its saved state only if the ledger agrees with it: the
+        state's epsilon is the last one the ledger recorded for this job (a stale or swapped
+        ``dp_state.pt`` would under-count what was spent)."""
+        if not self.state.rounds_done:
+            return
+        recorded = self.ledger.spent_by_job().get(self.job_id)
+        saved = epsilon_spent(
+            self.state.history, accountant=self.dp_settings.accountant, delta=self.dp_settings.delta
+        )
+        if recorded is None or abs(recorded - saved) > 1e-9 * max(1.0, recorded):
+            raise SiteRefusal(
+                f"site {self.site} refuses to continue job {self.spec.name}: its saved DP state "
+                f"({self._state_path}) says epsilon {saved:.4f} after {self.state.rounds_done} "
+                f"round(s), the site's ledger says "
+                + ("nothing for this job" if recorded is None else f"{recorded:.4f}")
+                + "; the state file was replaced or the ledger restored from an older copy: "
+                "an admin must find out which (`fedseg site ledger`)"
             )
 
     def _restore_rng(self, states: dict) -> None:
@@ -376,12 +431,17 @@ class LocalJob:
         budget = self.config.policy.total_epsilon_budget
         if budget is not None:
             spent = self.ledger.spent_by_job()
-            others = sum(eps for job, eps in spent.items() if job != self.job_id)
+            reserved = self.ledger.reservations()
+            jobs = (set(spent) | set(reserved)) - {self.job_id}
+            others = sum(
+                max(spent.get(j, 0.0), reserved.get(j, {}).get("epsilon", 0.0)) for j in jobs
+            )
             if others + after > budget * (1 + 1e-9):
                 return (
                     f"site {self.site} refused the round: the dataset's epsilon would reach "
-                    f"{others + after:.3f} ({others:.3f} spent by earlier jobs + {after:.3f} "
-                    f"by this one), above this site's total_epsilon_budget ({budget:g})"
+                    f"{others + after:.3f} ({others:.3f} spent or reserved by other jobs + "
+                    f"{after:.3f} by this one), above this site's total_epsilon_budget "
+                    f"({budget:g})"
                 )
         return None
 
@@ -466,6 +526,12 @@ class LocalJob:
                 keys.BUDGET_LEFT: self._budget_left(),
             }
         )
+        if self.ledger is not None:
+            # The ledger's head travels with each round, so the server's history shows a
+            # ledger that was rolled back (its count falls, or an older hash returns).
+            count, last_hash = self.ledger.head()
+            meta[keys.LEDGER_ENTRIES] = count
+            meta[keys.LEDGER_HEAD] = last_hash[:16]
         if self.dp_settings is None:
             # Computed on the training patients without noise (the loss), or telling how many
             # patients each step held (the time): sent only when the job is not DP.

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.spec import Accountant, JobSpec
 
-__all__ = ["PrivacyPolicy", "SiteRefusal", "job_policy_problems"]
+__all__ = ["PrivacyPolicy", "SiteRefusal", "default_max_delta", "job_policy_problems"]
 
 
 class SiteRefusal(Exception):
@@ -20,22 +20,47 @@ class SiteRefusal(Exception):
 
 
 class PrivacyPolicy(BaseModel):
-    """What this site allows. Defaults are permissive only where the job itself is still DP."""
+    """What this site allows. The defaults are the provisioning template's: a site that sets
+    no policy is as strict as a site that kept the template's.
+
+    ``null`` for a cap means no cap, which a site admin must write on purpose.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dp_required: bool = True
     """Refuse jobs with privacy.enabled: false."""
-    max_epsilon_per_job: Annotated[float, Field(gt=0)] | None = None
-    """Refuse any round that would take one job's epsilon above this."""
-    total_epsilon_budget: Annotated[float, Field(gt=0)] | None = None
-    """Refuse any round that would take the dataset's epsilon, summed over all jobs in the
-    site's ledger (basic composition, an upper bound), above this."""
-    min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.0
+    max_epsilon_per_job: Annotated[float, Field(gt=0)] | None = 8.0
+    """Refuse a job whose whole-job epsilon would pass this (checked at its start and before
+    every round)."""
+    total_epsilon_budget: Annotated[float, Field(gt=0)] | None = 20.0
+    """Refuse a job that would take the dataset's epsilon, summed over all jobs in the site's
+    ledger and the jobs under way (basic composition, an upper bound), above this."""
+    min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.5
     """Refuse jobs whose noise multiplier is below this (checked once the noise is known)."""
     max_delta: Annotated[float, Field(gt=0, lt=1)] | None = None
-    """Largest delta accepted; None = at most 1 / (training patients at this site)."""
+    """Largest delta of all jobs together (deltas add up under basic composition, as
+    epsilons do); None = 1 / N^1.1, N the training patients at this site."""
     allowed_accountants: tuple[Accountant, ...] = (Accountant.RDP, Accountant.PRV)
+
+    @classmethod
+    def for_simulated_data(cls, **overrides) -> PrivacyPolicy:
+        """What fedseg's simulator gives its sites: the researcher's own synthetic data, so no
+        caps (baselines run without DP, any noise may be tried); never a hospital's policy."""
+        lenient = {
+            "dp_required": False,
+            "max_epsilon_per_job": None,
+            "total_epsilon_budget": None,
+            "min_noise_multiplier": 0.0,
+            "max_delta": 0.5,
+        }
+        return cls.model_validate({**lenient, **overrides})
+
+
+def default_max_delta(training_patients: int) -> float:
+    """1 / N^1.1: a delta that is "cryptographically small" against the site's N patients (a
+    mechanism leaking one whole record with probability delta would expose fewer than one)."""
+    return 1.0 / max(1, training_patients) ** 1.1
 
 
 def job_policy_problems(spec: JobSpec, policy: PrivacyPolicy) -> list[str]:

@@ -2,11 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedseg.cli import main
+from jobs.model import file_sha256, initial_weights, numpy_to_state
 from server_app.history import read_history
 from simulator.baselines import SiteScore, load_site_splits
 from simulator.compare import (
@@ -18,6 +21,7 @@ from simulator.compare import (
     privacy_variant,
     run_compare,
 )
+from simulator.federation import run_simulation
 from simulator.overlays import (
     OverlayRefused,
     middle_lesion_slice,
@@ -188,27 +192,68 @@ def test_baselines_hold_out_the_same_patients_as_the_federation(tiny_federation,
 # -- the whole comparison, end to end ----------------------------------------------------------
 
 
+def _public_weights(store: Path) -> dict:
+    """A stand-in for pretrained public weights: another seed's initial weights, saved."""
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / "public.pt"
+    torch.save(numpy_to_state(initial_weights(tiny_spec().model, 5)), path)
+    return {"file": path.name, "sha256": file_sha256(path)}
+
+
 @pytest.fixture(scope="module")
 def comparison(tiny_federation, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    result = run_compare(tiny_spec(), data_dir=tiny_federation, out_dir=out, epsilons=(8, math.inf))
+    store = out / "models_store"
+    spec = tiny_spec(model={"init": _public_weights(store)})
+    result = run_compare(
+        spec, data_dir=tiny_federation, out_dir=out, epsilons=(8, math.inf), model_store=store
+    )
     return result, out
 
 
 @pytest.mark.slow
-def test_compare_gives_four_rows_with_finite_dice_and_the_ratios(comparison):
+def test_compare_gives_every_row_with_finite_dice_and_the_ratios(comparison):
     result, out = comparison
     assert [row.method for row in result.rows] == list(Method)
     for row in result.rows:
         assert [s.site for s in row.scores] == ["site-1", "site-2"]
         assert all(s.dice is not None and math.isfinite(s.dice) for s in row.scores), row
-        assert (out / row.run_dir).is_dir()
+        assert (out / row.run_dir).exists()
     saved = json.loads((out / "compare" / "compare.json").read_text())
     means = {row["method"]: row["mean_dice"] for row in saved["rows"]}
     assert saved["ratios"]["fedavg_over_pooled"] == pytest.approx(means["fedavg"] / means["pooled"])
     assert saved["ratios"]["dp_over_fedavg"] == pytest.approx(means["fedavg_dp"] / means["fedavg"])
     markdown = (out / "compare" / "compare.md").read_text()
     assert "FedAvg / pooled mean Dice" in markdown and "| FedAvg + DP |" in markdown
+    assert "| public model only |" in markdown and "| local-only + DP |" in markdown
+    assert "the public model alone" in markdown
+
+
+@pytest.mark.slow
+def test_every_trained_row_starts_from_the_spec_s_initial_weights(comparison):
+    result, out = comparison
+    public = initial_weights(tiny_spec().model, 5)
+    start = torch.load(out / "compare" / "fedavg" / "models" / "global_model_round_0.pt")
+    assert all(np.array_equal(start[k].numpy(), public[k]) for k in public)
+    rows = {row.method: row for row in result.rows}
+    assert rows[Method.PUBLIC_ONLY].steps == 0 and rows[Method.PUBLIC_ONLY].max_epsilon is None
+    # The public row scores those weights untouched: what the sites measured at round 0.
+    history = read_history(out / "compare" / "fedavg" / "history.json")
+    at_start = {r.site: r.val_dice for r in history.rounds if r.round == 0}
+    assert {s.site: s.dice for s in rows[Method.PUBLIC_ONLY].scores} == pytest.approx(at_start)
+
+
+@pytest.mark.slow
+def test_the_server_refuses_initial_weights_with_another_hash(tiny_federation, tmp_path):
+    store = tmp_path / "store"
+    init = _public_weights(store)
+    spec = tiny_spec(model={"init": {**init, "sha256": "0" * 64}}, training={"rounds": 1})
+    result = run_simulation(
+        spec, data_dir=tiny_federation, out_dir=tmp_path / "run", model_store=store
+    )
+    assert result.history.rounds_completed == 0
+    assert "the server refused the initial weights" in result.history.stopped_reason
+    assert "has sha256 " + init["sha256"] in result.history.stopped_reason
 
 
 @pytest.mark.slow
@@ -219,9 +264,15 @@ def test_every_row_gets_the_same_epochs_and_only_dp_rows_spend_epsilon(compariso
     assert rows[Method.LOCAL_ONLY].steps == rows[Method.FEDAVG].steps > 0
     assert rows[Method.POOLED].steps > 0
     assert result.budget["epochs"] == 2
-    for method in (Method.LOCAL_ONLY, Method.POOLED, Method.FEDAVG):
+    for method in (Method.PUBLIC_ONLY, Method.LOCAL_ONLY, Method.POOLED, Method.FEDAVG):
         assert rows[method].max_epsilon is None
-    assert all(s.epsilon > 0 for s in rows[Method.FEDAVG_DP].scores)
+    for method in (Method.LOCAL_ONLY_DP, Method.FEDAVG_DP):
+        assert all(s.epsilon > 0 for s in rows[method].scores)
+    # The same DP at a site alone as in the federation: the same steps, the same epsilon.
+    assert rows[Method.LOCAL_ONLY_DP].steps == rows[Method.FEDAVG_DP].steps
+    assert [s.epsilon for s in rows[Method.LOCAL_ONLY_DP].scores] == pytest.approx(
+        [s.epsilon for s in rows[Method.FEDAVG_DP].scores]
+    )
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import torch
 
 from jobs.model import build_network, initial_weights, numpy_to_state
 from site_app.local_job import LocalJob
+from site_app.policy import PrivacyPolicy
 from site_app.site_config import SiteConfig
 from site_app.training import (
     SITES_SHARING_DEVICE_ENV,
@@ -69,7 +70,11 @@ def test_a_cpu_site_keeps_channels_last_weights_and_returns_plain_arrays(tiny_fe
     job = LocalJob(
         spec=tiny_spec(),
         site="site-1",
-        config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
+        config=SiteConfig(
+            data_dir=tiny_federation / "site-1",
+            cache_dir=tmp_path / "cache",
+            policy=PrivacyPolicy.for_simulated_data(),
+        ),
         state_dir=tmp_path / "state",
         simulation=True,
     )

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jobs.model import build_network, freeze_untrainable, initial_weights, trainable_names
 from site_app.local_job import LocalJob
+from site_app.policy import PrivacyPolicy
 from site_app.privacy import wrap_private
 from site_app.site_config import SiteConfig
 from site_app.training import average_crop_gradients, make_loss
@@ -108,7 +109,11 @@ def test_frozen_parameters_are_returned_exactly_as_received(tiny_federation, tmp
     job = LocalJob(
         spec=spec,
         site="site-1",
-        config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
+        config=SiteConfig(
+            data_dir=tiny_federation / "site-1",
+            cache_dir=tmp_path / "cache",
+            policy=PrivacyPolicy.for_simulated_data(),
+        ),
         state_dir=tmp_path / "state",
         simulation=True,
     )

@@ -7,7 +7,7 @@ import torch
 from jobs import keys
 from jobs.model import initial_weights
 from site_app.local_job import LocalJob
-from site_app.policy import PrivacyPolicy
+from site_app.policy import PrivacyPolicy, SiteRefusal
 from site_app.privacy import epsilon_spent
 from site_app.site_config import SiteConfig
 from tests.conftest import tiny_spec
@@ -18,7 +18,11 @@ def _job(federation, tmp_path, spec=None, simulation=True, **config):
     return LocalJob(
         spec=spec,
         site="site-1",
-        config=SiteConfig(data_dir=federation / "site-1", cache_dir=tmp_path / "cache", **config),
+        config=SiteConfig(
+            data_dir=federation / "site-1",
+            cache_dir=tmp_path / "cache",
+            **({"policy": PrivacyPolicy.for_simulated_data()} | config),
+        ),
         state_dir=tmp_path / "state",
         simulation=simulation,
     )
@@ -88,21 +92,31 @@ def test_state_from_another_spec_is_refused(tiny_federation, tmp_path):
         _job(tiny_federation, tmp_path, spec=other)
 
 
-def test_site_refuses_a_round_that_would_pass_its_epsilon_limit(tiny_federation, tmp_path):
+def test_a_job_whose_whole_epsilon_passes_the_site_limit_is_refused_before_round_one(
+    tiny_federation, tmp_path
+):
     probe = _job(tiny_federation, tmp_path / "probe")
-    _, meta = probe.train_round(initial_weights(probe.spec.model, 0), 0)
+    weights, meta = probe.train_round(initial_weights(probe.spec.model, 0), 0)
     one_round = meta[keys.EPSILON]
+    _, meta = probe.train_round(weights, 1)
+    whole_job = meta[keys.EPSILON]  # tiny_spec: 2 rounds
 
-    # A limit between one and two rounds' epsilon: round 1 runs, round 2 is refused.
-    policy = PrivacyPolicy(max_epsilon_per_job=one_round * 1.2)
-    job = _job(tiny_federation, tmp_path / "job", policy=policy)
+    # A limit between one round's and the whole job's epsilon: refused at the start (before,
+    # a noise_multiplier job ran its first round and was refused in the middle).
+    policy = PrivacyPolicy.for_simulated_data(max_epsilon_per_job=(one_round + whole_job) / 2)
+    with pytest.raises(
+        SiteRefusal, match=r"the whole job would spend epsilon .*max_epsilon_per_job"
+    ):
+        _job(tiny_federation, tmp_path / "job", policy=policy)
+    assert not (
+        tmp_path / "job" / "state" / "dp_state.pt"
+    ).exists()  # nothing trained, nothing spent
+    # The whole job fits: it runs both rounds.
+    fits = PrivacyPolicy.for_simulated_data(max_epsilon_per_job=whole_job * 1.01)
+    job = _job(tiny_federation, tmp_path / "fits", policy=fits)
     weights, meta = job.train_round(initial_weights(job.spec.model, 0), 0)
-    assert keys.REFUSED not in meta
-    refused_weights, refused = job.train_round(weights, 1)
-    assert refused_weights == {}
-    assert "refused the round" in refused[keys.REFUSED]
-    assert "max_epsilon_per_job" in refused[keys.REFUSED]
-    assert refused[keys.EPSILON] == pytest.approx(one_round)  # nothing more was spent
+    _, meta = job.train_round(weights, 1)
+    assert keys.REFUSED not in meta and meta[keys.EPSILON] == pytest.approx(whole_job)
 
 
 def test_without_dp_nothing_is_accounted(tiny_federation, tmp_path):
@@ -110,7 +124,7 @@ def test_without_dp_nothing_is_accounted(tiny_federation, tmp_path):
         tiny_federation,
         tmp_path,
         spec=tiny_spec(privacy={"enabled": False}),
-        policy=PrivacyPolicy(dp_required=False),
+        policy=PrivacyPolicy.for_simulated_data(),
     )
     _, meta = job.train_round(initial_weights(job.spec.model, 0), 0)
     assert meta[keys.EPSILON] is None
@@ -125,7 +139,11 @@ def test_a_site_with_no_dicom_says_which_folder(tmp_path):
         LocalJob(
             spec=tiny_spec(),
             site="site-1",
-            config=SiteConfig(data_dir=empty, cache_dir=tmp_path / "cache"),
+            config=SiteConfig(
+                data_dir=empty,
+                cache_dir=tmp_path / "cache",
+                policy=PrivacyPolicy.for_simulated_data(),
+            ),
             state_dir=tmp_path / "state",
             simulation=True,
         )

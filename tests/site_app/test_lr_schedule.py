@@ -9,6 +9,7 @@ import torch
 from jobs.model import initial_weights
 from jobs.spec import JobSpecError, TrainingSpec
 from site_app.local_job import LocalJob
+from site_app.policy import PrivacyPolicy
 from site_app.site_config import SiteConfig
 from site_app.training import round_learning_rates, scheduled_lr, train_epochs
 from tests.conftest import tiny_spec
@@ -67,7 +68,11 @@ def test_a_site_round_trains_at_the_scheduled_rate(tiny_federation, tmp_path):
     job = LocalJob(
         spec=spec,
         site="site-1",
-        config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
+        config=SiteConfig(
+            data_dir=tiny_federation / "site-1",
+            cache_dir=tmp_path / "cache",
+            policy=PrivacyPolicy.for_simulated_data(),
+        ),
         state_dir=tmp_path / "state",
         simulation=True,
     )

@@ -61,15 +61,19 @@ def test_target_epsilon_noise_below_the_site_minimum_is_refused(tiny_federation,
     config = SiteConfig(
         data_dir=tiny_federation / "site-1",
         cache_dir=tmp_path / "cache",
-        policy=PrivacyPolicy(min_noise_multiplier=5.0),
+        policy=PrivacyPolicy.for_simulated_data(min_noise_multiplier=5.0),
     )
     with pytest.raises(SiteRefusal, match="below this site's minimum of 5"):
         LocalJob(spec=spec, site="site-1", config=config, state_dir=tmp_path, simulation=True)
 
 
-def test_delta_defaults_to_at_most_one_over_the_patients(tiny_federation, tmp_path):
-    config = SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache")
-    with pytest.raises(SiteRefusal, match=r"1 / training patients"):
+def test_delta_defaults_to_at_most_one_over_the_patients_to_the_1_1(tiny_federation, tmp_path):
+    config = SiteConfig(
+        data_dir=tiny_federation / "site-1",
+        cache_dir=tmp_path / "cache",
+        policy=PrivacyPolicy.for_simulated_data(max_delta=None),
+    )
+    with pytest.raises(SiteRefusal, match=r"1 / N\^1\.1"):
         LocalJob(
             spec=tiny_spec(privacy={"delta": 0.9}),
             site="site-1",
@@ -81,6 +85,19 @@ def test_delta_defaults_to_at_most_one_over_the_patients(tiny_federation, tmp_pa
         spec=tiny_spec(), site="site-1", config=config, state_dir=tmp_path / "ok", simulation=True
     )
     job.train_round(initial_weights(job.spec.model, 0), 0)
+
+
+def test_a_site_without_a_policy_gets_the_template_s_safe_defaults():
+    import yaml
+
+    from provisioning.provision import template_text
+
+    template = yaml.safe_load(template_text())
+    builder = next(b for b in template["builders"] if b["path"].endswith("FedsegSiteBuilder"))
+    defaults = PrivacyPolicy()
+    for field, value in builder["args"]["policy"].items():
+        assert getattr(defaults, field) == value, field
+    assert defaults.max_delta is None  # 1 / N^1.1 of the site's own N, checked at the site
 
 
 def test_policy_in_the_site_config_file_is_validated(tmp_path):

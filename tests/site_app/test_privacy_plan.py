@@ -8,6 +8,7 @@ from torch.utils.data import TensorDataset
 from jobs.model import initial_weights
 from jobs.spec import PrivacySpec
 from site_app.local_job import LocalJob
+from site_app.policy import PrivacyPolicy
 from site_app.privacy import (
     PrivateTraining,
     dp_loader,
@@ -117,7 +118,11 @@ def test_the_plan_is_what_a_site_then_runs(tiny_federation, tmp_path):
     job = LocalJob(
         spec=spec,
         site="site-1",
-        config=SiteConfig(data_dir=tiny_federation / "site-1", cache_dir=tmp_path / "cache"),
+        config=SiteConfig(
+            data_dir=tiny_federation / "site-1",
+            cache_dir=tmp_path / "cache",
+            policy=PrivacyPolicy.for_simulated_data(),
+        ),
         state_dir=tmp_path / "state",
         simulation=True,
     )

@@ -17,7 +17,7 @@ def _job(federation, tmp_path, job_id, policy: PrivacyPolicy | None = None):
         cache_dir=tmp_path / "cache",
         ledger=tmp_path / "ledger" / "epsilon.jsonl",
         signing_key=tmp_path / "ledger" / "site_key.pem",
-        policy=policy or PrivacyPolicy(),
+        policy=policy or PrivacyPolicy.for_simulated_data(),
     )
     return LocalJob(
         spec=tiny_spec(),
@@ -55,22 +55,67 @@ def test_every_round_is_recorded_with_what_the_site_reported(tiny_federation, tm
     assert 0 < count.epsilon_after < rounds[0].epsilon_after
 
 
-def test_the_budget_spans_jobs_and_refuses_exactly_the_round_that_would_pass_it(
-    tiny_federation, tmp_path
-):
+def test_the_budget_spans_jobs_and_a_job_that_would_pass_it_never_starts(tiny_federation, tmp_path):
     first = _rounds(_job(tiny_federation, tmp_path, "job-a"), 2)
-    one_round, two_rounds = first[0][keys.EPSILON], first[1][keys.EPSILON]
-    # Room for one more round of another job, not two.
-    budget = two_rounds + (one_round + two_rounds) / 2
-    second = _job(tiny_federation, tmp_path, "job-b", PrivacyPolicy(total_epsilon_budget=budget))
-    metas = _rounds(second, 2)
-    assert keys.REFUSED not in metas[0]
-    assert "total_epsilon_budget" in metas[1][keys.REFUSED]
+    whole_job = first[1][keys.EPSILON]  # tiny_spec: 2 rounds
+    # Room for one more round of another job, not its two: refused before its first round.
+    budget = whole_job * 1.5
+    lenient = PrivacyPolicy.for_simulated_data(total_epsilon_budget=budget)
+    with pytest.raises(SiteRefusal, match="total_epsilon_budget"):
+        _job(tiny_federation, tmp_path, "job-b", lenient)
     ledger = _ledger(tmp_path)
-    assert ledger.total_spent() == pytest.approx(two_rounds + one_round)
-    assert ledger.total_spent() <= budget  # never spent past the budget, not even one step
-    assert metas[0][keys.BUDGET_LEFT] == pytest.approx(budget - two_rounds - one_round)
-    assert metas[1][keys.BUDGET_LEFT] == pytest.approx(budget - ledger.total_spent())
+    assert ledger.total_spent() == pytest.approx(whole_job)  # job-b spent nothing
+    # With room for both, the second job runs and reports what is left.
+    roomy = PrivacyPolicy.for_simulated_data(total_epsilon_budget=whole_job * 2.5)
+    metas = _rounds(_job(tiny_federation, tmp_path, "job-c", roomy), 2)
+    assert keys.REFUSED not in metas[1]
+    assert metas[1][keys.BUDGET_LEFT] == pytest.approx(whole_job * 2.5 - ledger.total_spent())
+    assert ledger.total_spent() <= whole_job * 2.5
+
+
+def _reserve_in_a_process(ledger_dir, job, epsilon, budget, start, results):
+    ledger = EpsilonLedger.open(
+        path=ledger_dir / "epsilon.jsonl", key_path=ledger_dir / "site_key.pem"
+    )
+    start.wait()
+    reason = ledger.reserve(
+        job=job, epsilon=epsilon, delta=1e-5, epsilon_budget=budget, delta_budget=None
+    )
+    results.put((job, reason))
+
+
+def test_two_jobs_starting_at_once_cannot_both_take_a_budget_that_holds_one(tmp_path):
+    """Each of two processes reserves a job of epsilon 6 against a budget with room for one, at
+    once: exactly one gets it, whatever the order (the check and the write are one locked
+    step). Three trials, each budget 6 larger for the job the previous trial granted."""
+    import multiprocessing
+
+    from site_app.ledger import generate_site_key
+
+    folder = tmp_path / "ledger"
+    generate_site_key(folder / "site_key.pem")
+    context = multiprocessing.get_context("spawn")
+    for trial in range(3):
+        start, results = context.Event(), context.Queue()
+        jobs = [f"job-{trial}-a", f"job-{trial}-b"]
+        processes = [
+            context.Process(
+                target=_reserve_in_a_process,
+                args=(folder, job, 6.0, 10.0 + 6 * trial, start, results),
+            )
+            for job in jobs
+        ]
+        for process in processes:
+            process.start()
+        start.set()
+        outcomes = dict(results.get(timeout=60) for _ in jobs)
+        for process in processes:
+            process.join(60)
+        granted = [job for job, reason in outcomes.items() if reason is None]
+        assert len(granted) == 1, outcomes
+        refused = next(reason for reason in outcomes.values() if reason is not None)
+        assert "total_epsilon_budget" in refused
+    assert len(_ledger(tmp_path).reservations()) == 3
 
 
 def test_a_tampered_ledger_stops_training_until_an_admin_resolves_it(tiny_federation, tmp_path):
@@ -100,3 +145,35 @@ def test_the_ledger_is_only_kept_for_dp_jobs(tiny_federation, tmp_path):
     )
     job.train_round(initial_weights(job.spec.model, 0), 0)
     assert not (tmp_path / "ledger" / "epsilon.jsonl").exists()
+
+
+def test_a_missing_signing_key_with_a_ledger_is_refused_never_recreated(tiny_federation, tmp_path):
+    _rounds(_job(tiny_federation, tmp_path, "job-a"), 1)
+    key = tmp_path / "ledger" / "site_key.pem"
+    key.unlink()
+    with pytest.raises(SiteRefusal, match=r"signing key .* is missing but its epsilon ledger"):
+        _job(tiny_federation, tmp_path, "job-b")
+    assert not key.exists()  # no new key: the old ledger stays verifiable once it is restored
+
+
+def test_a_saved_state_that_disagrees_with_the_ledger_is_refused(tiny_federation, tmp_path):
+    import shutil
+
+    job = _job(tiny_federation, tmp_path, "job-a")
+    metas = _rounds(job, 1)
+    state = tmp_path / "job-a" / "dp_state.pt"
+    shutil.copy(state, tmp_path / "after-round-1.pt")
+    job.train_round(initial_weights(job.spec.model, 0), 1)
+    shutil.copy(tmp_path / "after-round-1.pt", state)  # an older state: one round undone
+    with pytest.raises(SiteRefusal, match=r"saved DP state .* the site.s ledger says"):
+        _job(tiny_federation, tmp_path, "job-a")
+    assert metas[0][keys.EPSILON] > 0
+
+
+def test_each_round_reports_the_ledger_head_so_a_rollback_shows(tiny_federation, tmp_path):
+    metas = _rounds(_job(tiny_federation, tmp_path, "job-a"), 2)
+    # Round 1: the count release and the round; round 2: one more entry.
+    assert [m[keys.LEDGER_ENTRIES] for m in metas] == [2, 3]
+    entries = _ledger(tmp_path).entries()
+    assert metas[-1][keys.LEDGER_HEAD] == entries[-1].entry_hash[:16]
+    assert metas[0][keys.LEDGER_HEAD] == entries[1].entry_hash[:16]
