@@ -32,7 +32,9 @@ import time
 import warnings
 from pathlib import Path
 
-MODES = ("none", "hooks", "functorch", "ew", "ghost", "grouped")
+MODES = ("none", "hooks", "functorch", "ew", "ghost", "grouped", "grouped+secure")
+"""``grouped+secure``: fedseg's shipped setting, grouped samplers with Opacus's floating-point-safe
+noise (four Gaussian samples per noise value, ``DPOptimizer.secure_mode``)."""
 DEVICE = "cpu"  # set by main(): cuda when torch sees a GPU, unless --device says otherwise
 REFERENCE_MODE = "hooks"
 REFERENCE = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "roi_size": [64, 64, 64]}
@@ -89,6 +91,8 @@ def _private(spec, mode: str, noise: float, *, relu=False, channels_last=False, 
     criterion = make_loss()
     if mode == "none":
         return network, optimizer, criterion
+    secure = mode.endswith("+secure")
+    mode = mode.removesuffix("+secure")
     batch = spec.training.batch_size
     # The loader only tells Opacus the sampling rate (expected batch / dataset size).
     loader = DataLoader(TensorDataset(torch.zeros(batch * 4, 1)), batch_size=batch)
@@ -106,6 +110,7 @@ def _private(spec, mode: str, noise: float, *, relu=False, channels_last=False, 
         model, optimizer, criterion, _ = wrapped
     else:
         model, optimizer, _ = wrapped
+    optimizer.secure_mode = secure
     return model, optimizer, criterion
 
 

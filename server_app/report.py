@@ -14,7 +14,9 @@ report.json keys (other tools read these; keep them stable):
   mm, at the job's ``data.target_spacing_mm``), ``final_hd95_missing`` (lesion volumes with an
   empty prediction, where HD95 is undefined and not averaged in), ``final_lesion_volumes``
   (volumes Dice is averaged over), ``epsilon`` (spent in this job, last report), ``delta``,
-  ``budget_left``.
+  ``budget_left``, ``accounting`` (DP jobs: ``accountant``, ``delta``, ``epsilon`` and
+  ``mechanisms``, each ``mechanism``, ``noise_multiplier``, ``sample_rate``, ``steps`` in the
+  order they ran: everything an independent accountant needs to recompute ``epsilon``).
 - ``rounds``: every SiteRound as sent (``val_dice`` is for the model the site *received*).
 - ``cross_site``: ``models`` (row order: ``"global"`` then sites), ``sites`` (columns),
   ``cells`` (``model``, ``model_round``, ``site``, ``dice``, ``hd95_mm``, ``hd95_missing``,
@@ -80,6 +82,42 @@ def format_number(value: float | None, digits: int = 3) -> str:
 
 
 # -- building (pure) ------------------------------------------------------------------------------
+
+
+def site_accounting(records: list[SiteRound]) -> dict | None:
+    """A site's DP mechanisms in this job, from what it sent (pure): the released patient count
+    (one Gaussian step at rate 1, sent with its first answer) and DP-SGD (its noise and rate,
+    steps summed over the rounds it trained). None when the site sent no DP answer."""
+    dp = [r for r in sorted(records, key=lambda r: r.round) if r.noise_multiplier is not None]
+    if not dp:
+        return None
+    first, last = dp[0], dp[-1]
+    trained = [r for r in dp if not r.refused and not r.missing]
+    mechanisms = [
+        {
+            "mechanism": "released patient count (Gaussian, sensitivity 1)",
+            "noise_multiplier": first.count_noise_std,
+            "sample_rate": 1.0,
+            "steps": 1,
+        }
+    ]
+    steps = sum(r.num_steps or 0 for r in trained)
+    if steps:
+        mechanisms.append(
+            {
+                "mechanism": "DP-SGD (Poisson-sampled Gaussian, per-patient clipping)",
+                "noise_multiplier": first.noise_multiplier,
+                "sample_rate": first.sample_rate,
+                "steps": steps,
+            }
+        )
+    epsilon = next((r.epsilon for r in reversed(dp) if r.epsilon is not None), None)
+    return {
+        "accountant": last.accountant,
+        "delta": last.delta,
+        "epsilon": epsilon,
+        "mechanisms": mechanisms,
+    }
 
 
 def _cross_site(history: RunHistory) -> dict:
@@ -246,6 +284,7 @@ def build_report(
                 "epsilon": last_epsilon.get(site),
                 "budget_left": budget_left.get(site),
                 "delta": privacy.get("delta") if privacy.get("enabled") else None,
+                "accounting": site_accounting([r for r in history.rounds if r.site == site]),
             }
         )
     refusals = [

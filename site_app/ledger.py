@@ -360,10 +360,10 @@ class EpsilonLedger:
                     f"total_epsilon_budget ({epsilon_budget:g})"
                 )
             if delta_budget is not None and others_delta + delta > delta_budget * (1 + 1e-9):
+                # The budget may be derived from the exact patient count: never quoted.
                 return (
                     f"the dataset's delta would reach {others_delta + delta:.3g} "
-                    f"({others_delta:.3g} of other jobs + {delta:g}), above this site's delta "
-                    f"budget ({delta_budget:.3g})"
+                    f"({others_delta:.3g} of other jobs + {delta:g}), above this site's delta cap"
                 )
             reserved[job] = {"epsilon": float(epsilon), "delta": float(delta)}
             _write_atomic(self.reservations_path, _canonical(reserved) + b"\n")

@@ -228,10 +228,12 @@ class LocalJob:
                 local_epochs=training.local_epochs,
                 rounds=training.rounds,
             )
+            # Recorded before any check: a refusal below quotes numbers derived from the
+            # released count, so the count counts as released from here on.
             if not self.state.history:
-                self.state.history = [self.dp_settings.count_release]
-            self._check_whole_job(self.dp_settings)
+                self._record_count_release()
             self._check_state_against_ledger()
+            self._check_whole_job(self.dp_settings)
             self.private = PrivateTraining(self.dp_settings, noise_generator=self.generators.noise)
             self.model, self.optimizer, self.loader = self.private.make_private(
                 module=self.network,
@@ -309,10 +311,13 @@ class LocalJob:
             )
         delta_budget = policy.max_delta or default_max_delta(len(self.train_patients))
         if settings.delta > delta_budget:
-            problems.append(
-                f"privacy.delta is {settings.delta:g}, above {delta_budget:.3g} (this site's "
-                "max_delta, or 1 / N^1.1 for its N training patients)"
+            # The default cap is a function of the exact count: never quote it.
+            cap = (
+                f"this site's max_delta ({policy.max_delta:g})"
+                if policy.max_delta
+                else ("this site's default delta cap, 1 / N^1.1 for its N training patients")
             )
+            problems.append(f"privacy.delta is {settings.delta:g}, above {cap}")
         if not problems:
             reason = self.ledger.reserve(
                 job=self.job_id,
@@ -328,11 +333,31 @@ class LocalJob:
                 f"site {self.site} refuses job {self.spec.name}: " + "; ".join(problems)
             )
 
+    def _record_count_release(self) -> None:
+        """The released count is sent with every answer of the job, refused rounds too: record
+        its mechanism now, as the job's first ledger entry and accountant history, and save it,
+        so a restart never draws a second count."""
+        settings = self.dp_settings
+        self.state.history = [settings.count_release]
+        self.ledger.append(
+            job=self.job_id,
+            round=0,
+            steps=1,
+            sample_rate=1.0,
+            noise_multiplier=settings.count_noise_std,
+            accountant=settings.accountant,
+            epsilon_after=epsilon_spent(
+                self.state.history, accountant=settings.accountant, delta=settings.delta
+            ),
+            delta=settings.delta,
+        )
+        self.state.save(self._state_path)
+
     def _check_state_against_ledger(self) -> None:
         """A restarted site continues from its saved state only if the ledger agrees with it: the
         state's epsilon is the last one the ledger recorded for this job (a stale or swapped
         ``dp_state.pt`` would under-count what was spent)."""
-        if not self.state.rounds_done:
+        if not self.state.history:
             return
         recorded = self.ledger.spent_by_job().get(self.job_id)
         saved = epsilon_spent(
@@ -485,23 +510,6 @@ class LocalJob:
         self.state.optimizer = self.optimizer.state_dict()
 
         if self.private is not None:
-            if self.state.rounds_done == 0:
-                # The job's first entry is its patient-count release (one step at rate 1), so
-                # the ledger lists every mechanism of the job, in the accountant's own terms.
-                self.ledger.append(
-                    job=self.job_id,
-                    round=round_index,
-                    steps=1,
-                    sample_rate=1.0,
-                    noise_multiplier=self.dp_settings.count_noise_std,
-                    accountant=self.dp_settings.accountant,
-                    epsilon_after=epsilon_spent(
-                        [self.dp_settings.count_release],
-                        accountant=self.dp_settings.accountant,
-                        delta=self.dp_settings.delta,
-                    ),
-                    delta=self.dp_settings.delta,
-                )
             self.state.history = self.private.history
             # The ledger first: a crash before the state save re-runs the round and records it
             # twice, which over-counts (safe) rather than under-counts.

@@ -254,3 +254,53 @@ def print_side_by_side() -> None:
 
 if __name__ == "__main__":
     print_side_by_side()
+
+
+def test_an_auditor_recomputes_each_site_s_epsilon_from_report_json_alone(
+    tiny_federation, tmp_path
+):
+    """A real site's answers -> the server's history -> report.json; then, with report.json and
+    dp-accounting only, every site's epsilon again (the count release and DP-SGD composed)."""
+    import json
+
+    from jobs.model import initial_weights
+    from server_app.history import RunHistory, SiteRound
+    from server_app.report import write_report
+    from site_app.local_job import LocalJob
+    from site_app.policy import PrivacyPolicy
+    from site_app.site_config import SiteConfig
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec(privacy={"noise_multiplier": 2.0, "count_noise_std": 3.0})
+    history = RunHistory(job_name=spec.name, sites=["site-1", "site-2"], rounds_planned=2)
+    for site in history.sites:
+        job = LocalJob(
+            spec=spec,
+            site=site,
+            config=SiteConfig(
+                data_dir=tiny_federation / site,
+                cache_dir=tmp_path / "cache" / site,
+                policy=PrivacyPolicy.for_simulated_data(),
+            ),
+            state_dir=tmp_path / site / "job",
+            simulation=True,
+        )
+        weights = initial_weights(spec.model, 0)
+        for index in range(2):
+            weights, meta = job.train_round(weights, index)
+            history.rounds.append(SiteRound.from_meta(site, index, meta))
+    write_report(history, spec=spec.to_plain(), out_dir=tmp_path / "report")
+
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for row in report["per_site"]:
+        accounting = row["accounting"]
+        mechanisms = [
+            (m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in accounting["mechanisms"]
+        ]
+        assert mechanisms[0] == (3.0, 1.0, 1)  # the released patient count comes first
+        assert accounting["accountant"] == "rdp"
+        recomputed = quadrature_rdp_epsilon(mechanisms, accounting["delta"])
+        assert row["epsilon"] == accounting["epsilon"]
+        assert recomputed == pytest.approx(accounting["epsilon"], rel=1e-6), row["site"]
+        # dp-accounting's own RDP series is never below it (looser at small fractional orders).
+        assert dp_accounting_rdp_epsilon(mechanisms, accounting["delta"]) >= recomputed * (1 - 1e-9)

@@ -108,9 +108,11 @@ def test_a_job_whose_whole_epsilon_passes_the_site_limit_is_refused_before_round
         SiteRefusal, match=r"the whole job would spend epsilon .*max_epsilon_per_job"
     ):
         _job(tiny_federation, tmp_path / "job", policy=policy)
-    assert not (
-        tmp_path / "job" / "state" / "dp_state.pt"
-    ).exists()  # nothing trained, nothing spent
+    # Nothing trained: the saved state holds only the released patient count.
+    from site_app.privacy import DPState
+
+    refused = DPState.load(tmp_path / "job" / "state" / "dp_state.pt")
+    assert refused.rounds_done == 0 and len(refused.history) == 1
     # The whole job fits: it runs both rounds.
     fits = PrivacyPolicy.for_simulated_data(max_epsilon_per_job=whole_job * 1.01)
     job = _job(tiny_federation, tmp_path / "fits", policy=fits)
