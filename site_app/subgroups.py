@@ -118,7 +118,9 @@ def subgroup_cells(
 
     A cell's patients are the held-out patients in it with a lesion (those a Dice exists for);
     each patient counts once (the mean over their volumes). A cell with fewer than
-    ``max(min_cell_size, MIN_SUBGROUP_SIZE)`` patients is left out entirely; within a kept cell
+    ``max(min_cell_size, MIN_SUBGROUP_SIZE)`` patients is left out entirely, and so are the
+    complementary cells that would let it be derived from the site's totals
+    (``_suppressed_cells``); within a kept cell
     the HD95 mean is None when fewer than that many patients have a defined HD95. Patients
     missing from ``groups`` are counted as ``unknown`` in every attribute. Cells are sorted by
     attribute, then value, so the message does not depend on patient order.
@@ -136,10 +138,11 @@ def subgroup_cells(
             dice[cell].append(score)
             if distance is not None:
                 hd95[cell].append(distance)
+    suppressed = _suppressed_cells({cell: len(scores) for cell, scores in dice.items()}, minimum)
     cells = []
     for (attribute, value), scores in sorted(dice.items()):
-        if len(scores) < minimum:
-            continue  # suppressed: nothing about this cell leaves the site
+        if (attribute, value) in suppressed:
+            continue  # nothing about this cell leaves the site
         distances = hd95.get((attribute, value), [])
         hd95_shown = len(distances) >= minimum
         cells.append(
@@ -153,3 +156,26 @@ def subgroup_cells(
             }
         )
     return cells
+
+
+def _suppressed_cells(sizes: Mapping[tuple[str, str], int], minimum: int) -> set[tuple[str, str]]:
+    """Cells below ``minimum``, plus complementary ones (pure).
+
+    Every attribute splits the same held-out patients, whose totals the site sends anyway
+    (``val_lesion_volumes``, ``val_dice``): the suppressed cells of an attribute, taken
+    together, are the totals minus the sent cells. So within an attribute the suppressed cells
+    must together hold no patient or at least ``minimum``: while they hold fewer, the smallest
+    sent cell (ties by value) is suppressed too. One small cell is thus never derivable; what
+    can be derived is the union of the suppressed cells, a group of at least ``minimum``.
+    """
+    suppressed = {cell for cell, n in sizes.items() if n < minimum}
+    for attribute in sorted({cell[0] for cell in sizes}):
+        cells = sorted((n, cell) for cell, n in sizes.items() if cell[0] == attribute)
+        hidden = sum(n for n, cell in cells if cell in suppressed)
+        for n, cell in cells:
+            if hidden == 0 or hidden >= minimum:
+                break
+            if cell not in suppressed:
+                suppressed.add(cell)
+                hidden += n
+    return suppressed

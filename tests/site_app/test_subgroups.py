@@ -20,6 +20,7 @@ from site_app.policy import PrivacyPolicy
 from site_app.site_config import SiteConfig
 from site_app.subgroups import (
     PatientGroups,
+    _suppressed_cells,
     age_band,
     subgroup_cells,
     thickness_band,
@@ -116,22 +117,52 @@ def _cohort():
 
 def test_cells_below_five_patients_are_dropped_and_the_rest_are_exact():
     evaluations, groups = _cohort()
+    evaluations += [_patient(f"m{i}", 0.2) for i in range(2, 8)]  # 8 men with a lesion now
+    groups |= {f"m{i}": _groups("male") for i in range(2, 8)}
     cells = {
         (c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]): c for c in subgroup_cells(evaluations, groups)
     }
-    assert (keys.SEX, "male") not in cells  # 2 patients
     female = cells[(keys.SEX, "female")]
     assert female[keys.CELL_PATIENTS] == 5  # the lesion-free woman has no Dice, so is not counted
     assert female[keys.CELL_DICE] == pytest.approx(0.7)
     assert female[keys.CELL_HD95_MM] == pytest.approx(1.0)
-    assert cells[(keys.VENDOR, "GE")][keys.CELL_PATIENTS] == 7
+    assert cells[(keys.SEX, "male")][keys.CELL_PATIENTS] == 8
+    assert cells[(keys.VENDOR, "GE")][keys.CELL_PATIENTS] == 13
+
+
+def test_a_small_cell_takes_its_complement_with_it_so_totals_cannot_reveal_it():
+    """Worked example: 5 women and 2 men with a lesion. Sending the women's cell alone would
+    give the men's away: the site also sends its totals (7 lesion patients, mean Dice 0.5714),
+    and 7 x 0.5714 - 5 x 0.7 = 2 men with mean Dice 0.2. So the women's cell is suppressed too."""
+    evaluations, groups = _cohort()
+    cells = {
+        (c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]) for c in subgroup_cells(evaluations, groups)
+    }
+    assert (keys.SEX, "male") not in cells and (keys.SEX, "female") not in cells
+    assert (keys.VENDOR, "GE") in cells  # an attribute with nothing suppressed is untouched
+
+
+def test_complementary_suppression_hides_a_group_of_at_least_the_minimum():
+    """6 women, 6 men, 2 of unknown sex: unknown is suppressed, and with it the smallest sent
+    cell (women, first by name at equal size), so what the totals minus the sent cells give is
+    the 8 women and unknowns together, never the 2."""
+    evaluations = [_patient(f"f{i}", 0.6) for i in range(6)]
+    evaluations += [_patient(f"m{i}", 0.4) for i in range(6)]
+    evaluations += [_patient(f"u{i}", 0.9) for i in range(2)]
+    sex = {"f": "female", "m": "male", "u": keys.UNKNOWN}
+    groups = {e.patient_key: _groups(sex[e.patient_key[0]]) for e in evaluations}
+    sent = [c for c in subgroup_cells(evaluations, groups) if c[keys.CELL_ATTRIBUTE] == keys.SEX]
+    assert [(c[keys.CELL_VALUE], c[keys.CELL_PATIENTS]) for c in sent] == [("male", 6)]
+    total_patients = 14
+    hidden = total_patients - sum(c[keys.CELL_PATIENTS] for c in sent)
+    assert hidden == 8 >= 5
 
 
 def test_a_job_may_raise_the_minimum_but_not_lower_it():
     evaluations, groups = _cohort()
     lowered = subgroup_cells(evaluations, groups, min_cell_size=1)
     assert (keys.SEX, "male") not in {(c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]) for c in lowered}
-    raised = subgroup_cells(evaluations, groups, min_cell_size=6)
+    raised = subgroup_cells(evaluations, groups, min_cell_size=6)  # sex: 5 and 2, both hidden
     assert {(c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]) for c in raised} == {
         (keys.AGE_BAND, "40-59"),
         (keys.VENDOR, "GE"),
@@ -193,9 +224,9 @@ def test_suppressed_cells_never_reach_the_flare_message(larger_site, tmp_path):
     local = {p.patient_key: p for p in job.val_patients}
     lesion_keys = [key for key, p in local.items() if any(v.label.any() for v in p.volumes)]
     sizes = Counter(cell for key in lesion_keys for cell in job._groups[key].items())
-    kept = {cell for cell, n in sizes.items() if n >= 5}
-    suppressed = {cell for cell, n in sizes.items() if n < 5}
-    assert kept and suppressed  # the data has both, so this test can fail
+    suppressed = _suppressed_cells(sizes, 5)  # below 5, and their complements
+    kept = set(sizes) - suppressed
+    assert kept and {cell for cell, n in sizes.items() if n < 5}  # so this test can fail
 
     reply, meta = _validate_via_executor(job, weights, keys.GLOBAL_MODEL)
     sent = {(c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]): c for c in meta[keys.SUBGROUPS]}
