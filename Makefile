@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedseg simulate data --sites 3 --patients-per-site 32 --seed 0 --out $(DEMO_DATA)
+	$(BIN)/fedseg simulate data --sites 3 --patients-per-site 100 --seed 0 --out $(DEMO_DATA)
 	$(BIN)/fedseg simulate run $(DEMO_SPEC) --data $(DEMO_DATA) --out $(DEMO_RESULTS)
 
 test: $(STAMP)

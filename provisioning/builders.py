@@ -220,6 +220,14 @@ class FedsegSiteBuilder(Builder):
             )
             (local / SITE_CONFIG_FILE).write_text(text)
         _export_server_workspace(Path(ctx.get_kit_dir(server)) / "sub_start.sh")  # startup/
+        # The server's model store: the only place it reads a spec's model.init weights from.
+        models = Path(ctx.get_local_dir(server)) / "models"
+        models.mkdir(exist_ok=True)
+        (models / "README.txt").write_text(
+            "Weights a job spec may start from (model.init: {file, sha256}). The server reads\n"
+            "them from this folder only and refuses a file whose sha256 differs from the spec's.\n"
+            "Put here only weights the federation agreed on (e.g. a public pretrained model).\n"
+        )
 
 
 class StartupSigningBuilder(Builder):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
@@ -46,9 +45,9 @@ SERVER_JOB_CONFIG = "config_fed_server.json"
 MODEL_STORE = "models"
 """Folder in the server's ``local/`` where the weights a spec starts from (``model.init``) are
 kept: the server reads a job's initial weights from there only."""
-SIMULATION_MODEL_STORE_ENV = "FEDSEG_SIMULATION_MODEL_STORE"
-"""Set by fedseg's simulator for its server process: the folder to read ``model.init`` from
-(the spec's folder). Honoured only inside FLARE's simulator."""
+SIMULATION_MODEL_STORE_ENV = "FEDSEG_MODEL_STORE"
+"""The server process's model store when set (fedseg's simulator sets it to the spec's folder;
+a deployed server's operator may point it elsewhere); else ``local/models/``."""
 FINAL_MODEL = "final_model.pt"
 """Saved with ``final_model.manifest.json`` and ``final_model.manifest.sig`` beside it."""
 
@@ -186,11 +185,12 @@ class FedSegController(ModelController):
         )
 
     def _model_store(self) -> Path:
-        """Where this server reads ``model.init`` from: its own ``local/models/``; in fedseg's
-        simulator (FLARE's simulator mark plus the simulator's environment) the spec's folder."""
-        simulated = self.fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False)
-        if simulated and os.environ.get(SIMULATION_MODEL_STORE_ENV):
-            return Path(os.environ[SIMULATION_MODEL_STORE_ENV])
+        """Where this server reads ``model.init`` from: its own ``local/models/``, or the folder
+        its process environment names (``SIMULATION_MODEL_STORE_ENV``; fedseg's simulator sets
+        it to the spec's folder). Either way the server's own side decides, never the job."""
+        folder = os.environ.get(SIMULATION_MODEL_STORE_ENV)
+        if folder:
+            return Path(folder)
         return Path(self.engine.get_workspace().get_site_config_dir()) / MODEL_STORE
 
     def _answer_status_requests(self, history: RunHistory) -> None:
