@@ -119,7 +119,10 @@ def _mean(values) -> float | None:
 
 def write_outputs(results: dict, out: Path) -> None:
     """curve.json, curve.md (a table) and curve.png (mean Dice against patients per site)."""
+    import textwrap
+
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -138,7 +141,7 @@ def write_outputs(results: dict, out: Path) -> None:
         f"\npublic model alone: {results['public_only']:.3f}" if results["public_only"] else ""
     )
     (out / "curve.md").write_text("\n".join(lines) + "\n")
-    figure = Figure(figsize=(6, 4))
+    figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
     sizes = [row["patients"] for row in rows]
     axes.plot(sizes, [row["dice"] for row in rows], "o-", label="FedAvg, no DP")
@@ -154,9 +157,10 @@ def write_outputs(results: dict, out: Path) -> None:
         )
     axes.set_xscale("log")
     axes.set_xticks(sizes, [str(s) for s in sizes])
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("training patients per site (3 sites)")
     axes.set_ylabel("mean Dice, held-out patients")
-    axes.set_title(results["recipe"], fontsize=9)
+    axes.set_title("\n".join(textwrap.wrap(results["recipe"], 80)), fontsize=7)
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "curve.png", dpi=120)

@@ -61,6 +61,7 @@ def child_federated(args, out: Path) -> None:
 def child_central(args, out: Path) -> None:
     from jobs.model import initial_weights
     from site_app.local_job import LocalJob
+    from site_app.policy import PrivacyPolicy
     from site_app.site_config import SiteConfig
 
     spec = _spec(args)
@@ -71,13 +72,15 @@ def child_central(args, out: Path) -> None:
             "data_dir": str(Path(args.data).resolve()),  # every site's folder, walked as one
             "cache_dir": str(Path(args.out).resolve() / "cache" / "central"),
             "num_threads": os.cpu_count() or 1,
-            "policy": {"dp_required": False},
+            "policy": PrivacyPolicy.for_simulated_data().model_dump(mode="json"),
         }
     )
     # The job's state and the epsilon ledger (its parent folder) start fresh every run.
     job = LocalJob(spec=spec, site="central", config=config, state_dir=out / "job", simulation=True)
     setup = time.perf_counter() - started
-    weights = initial_weights(spec.model, spec.training.seed)
+    weights = initial_weights(
+        spec.model, spec.training.seed, model_store=Path(args.spec).resolve().parent
+    )
     steps = 0
     for round_index in range(spec.training.rounds):
         weights, meta = job.train_round(weights, round_index)

@@ -61,7 +61,7 @@ def _sizes(spec, encoding: str = "packed-float32") -> tuple[int, int, int]:
     from jobs.transfer import pack_weights
 
     common_decomposers.register()
-    weights = initial_weights(spec.model, 0)
+    weights = initial_weights(spec.model.model_copy(update={"init": None}), 0)  # shapes only
     raw = sum(array.nbytes for array in weights.values())
     if encoding != "named":
         weights = pack_weights(weights, TransferDtype(encoding.removeprefix("packed-")))
@@ -124,7 +124,10 @@ def main() -> int:
                 generate_federation_data(
                     out_dir=data, sites=1, patients_per_site=3, seed=0, matrix=32
                 )
-            raw = sum(a.nbytes for a in initial_weights(spec.model, 0).values())
+            raw = sum(
+                a.nbytes
+                for a in initial_weights(spec.model.model_copy(update={"init": None}), 0).values()
+            )
             print(f"on the wire, FLARE simulator, {args.spec} network, 1 site, 1 round:")
             for dtype in ("float32", "float16"):
                 sizes = _wire(spec, data, scratch / "runs", dtype)

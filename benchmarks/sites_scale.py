@@ -79,6 +79,7 @@ def child_pure(sites: int, out: Path, data: Path, cache: Path) -> None:
     from jobs.model import initial_weights
     from simulator.federation import threads_per_site
     from site_app.local_job import LocalJob
+    from site_app.policy import PrivacyPolicy
     from site_app.site_config import SiteConfig
 
     spec = _spec(cross_site=False)
@@ -94,7 +95,7 @@ def child_pure(sites: int, out: Path, data: Path, cache: Path) -> None:
                 "data_dir": str(data / site),
                 "cache_dir": str(cache / site),
                 "num_threads": threads,
-                "policy": {"dp_required": False},
+                "policy": PrivacyPolicy.for_simulated_data().model_dump(mode="json"),
             }
         )
         clock = time.perf_counter()
