@@ -381,13 +381,18 @@ def _run_public_only(ctx: _Context) -> MethodResult:
     started = time.perf_counter()
     model = load_model(spec, initial_weights(spec.model, None, model_store=ctx.model_store))
     ctx.models[LABELS[Method.PUBLIC_ONLY]] = lambda site: model
+    # Like every row, its model sits under the comparison's folder, with where it came from.
+    run_dir = ctx.out_dir / COMPARE_FOLDER / Method.PUBLIC_ONLY
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), run_dir / "models" / "public_model.pt")
+    (run_dir / "init.json").write_text(json.dumps(spec.model.init.model_dump(), indent=2) + "\n")
     row = MethodResult(
         method=Method.PUBLIC_ONLY,
         label=LABELS[Method.PUBLIC_ONLY],
         scores=tuple(_score_all(ctx, lambda site: model)),
         steps=0,
         wall_s=time.perf_counter() - started,
-        run_dir=str(spec.model.init.file),
+        run_dir=str(run_dir.relative_to(ctx.out_dir)),
         privacy="none needed: trained on public data only",
     )
     ctx.progress.stop(_summary(row))

@@ -31,10 +31,19 @@ CANARY = "canary7q3x"
 
 
 def poc_spec(**sections):
-    """jobs/specs/demo.yaml (the default spec) with tiny settings and the given overrides."""
+    """jobs/specs/demo.yaml (the default spec) with tiny settings and the given overrides.
+
+    The tiny network is not the shipped pretrained one, so its ``model.init`` and
+    ``training.trainable`` go; a ``noise_multiplier`` override replaces the target epsilon.
+    """
     data = load_spec("jobs/specs/demo.yaml").to_plain()
+    data["model"].pop("init", None)
+    data["training"].pop("trainable", None)
     for section, values in {**TINY, **sections}.items():
         data[section] = {**data[section], **values}
+    privacy = sections.get("privacy", {})
+    if "noise_multiplier" in privacy and "target_epsilon" not in privacy:
+        data["privacy"]["target_epsilon"] = None
     return parse_spec(data)
 
 

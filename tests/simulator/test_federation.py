@@ -43,12 +43,15 @@ def test_epsilon_grows_per_round_and_matches_the_accountant(first_run):
             (r for r in first_run.history.rounds if r.site == site), key=lambda r: r.round
         )
         assert rounds[0].epsilon < rounds[1].epsilon
-        # Recompute from what the site reported: its steps and its sampling rate.
+        # Recompute from what the site reported: the count release, then DP-SGD at its
+        # published sampling rate (from the noised count, not the true one) for its steps.
         steps = sum(r.num_steps for r in rounds)
-        train_patients = rounds[0].num_patients
-        sample_rate = 1 / -(-train_patients // min(spec.training.batch_size, train_patients))
+        assert {r.sample_rate for r in rounds} == {rounds[0].sample_rate}
         expected = epsilon_spent(
-            [(spec.privacy.noise_multiplier, sample_rate, steps)],
+            [
+                (rounds[0].count_noise_std, 1.0, 1),
+                (spec.privacy.noise_multiplier, rounds[0].sample_rate, steps),
+            ],
             accountant="rdp",
             delta=spec.privacy.delta,
         )
@@ -118,21 +121,23 @@ def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path):
 
 
 def test_sites_that_refuse_a_job_are_reported_with_their_reason(tiny_federation, tmp_path):
-    """delta 0.9 > 1/patients: both sites refuse; the job stops below min_clients, saying why."""
+    """delta 0.9 is above every site's max_delta: both refuse; the job stops below min_clients,
+    saying why (and never quoting the site's exact patient count)."""
     result = run_simulation(
         tiny_spec(privacy={"delta": 0.9}), data_dir=tiny_federation, out_dir=tmp_path
     )
     history = result.history
     assert history.rounds_completed == 0
     assert "fewer than federation.min_clients=2" in history.stopped_reason
-    assert "1 / training patients" in history.stopped_reason
+    assert "privacy.delta is 0.9, above this site's max_delta" in history.stopped_reason
     assert {r.site for r in history.rounds if r.refused} == {"site-1", "site-2"}
 
 
 def test_a_strict_site_refuses_and_the_federation_goes_on_without_it(
     first_run, tiny_federation, tmp_path
 ):
-    """site-1 allows one round's epsilon only: it refuses round 2, site-2 carries on alone."""
+    """site-1 allows a little more than one round's epsilon: the whole-job check refuses the job
+    before its first step, so site-1 spends nothing, and site-2 carries on alone."""
     one_round = next(r.epsilon for r in first_run.history.rounds if r.site == "site-1")
     result = run_simulation(
         tiny_spec(federation={"min_clients": 1}),
@@ -143,7 +148,10 @@ def test_a_strict_site_refuses_and_the_federation_goes_on_without_it(
     history = result.history
     assert history.rounds_completed == 2 and history.stopped_reason is None
     by_key = {(r.site, r.round): r for r in history.rounds}
-    assert by_key[("site-1", 0)].refused is None
-    assert "max_epsilon_per_job" in by_key[("site-1", 1)].refused
-    assert by_key[("site-1", 1)].epsilon == pytest.approx(one_round)  # nothing more spent
-    assert by_key[("site-2", 1)].refused is None and by_key[("site-2", 1)].num_steps >= 1
+    for index in (0, 1):
+        refused = by_key[("site-1", index)]
+        assert "the whole job would spend epsilon" in refused.refused
+        assert "max_epsilon_per_job" in refused.refused
+        assert refused.num_steps == 0 and not refused.epsilon  # nothing spent
+        assert by_key[("site-2", index)].refused is None
+        assert by_key[("site-2", index)].num_steps >= 1
