@@ -381,10 +381,13 @@ def _run_public_only(ctx: _Context) -> MethodResult:
     started = time.perf_counter()
     model = load_model(spec, initial_weights(spec.model, None, model_store=ctx.model_store))
     ctx.models[LABELS[Method.PUBLIC_ONLY]] = lambda site: model
-    # Like every row, its model sits under the comparison's folder, with where it came from.
+    # Like every row, its model sits under the comparison's folder: the very file that was
+    # checked against model.init's sha256 (init.json), not a re-serialisation of it.
     run_dir = ctx.out_dir / COMPARE_FOLDER / Method.PUBLIC_ONLY
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), run_dir / "models" / "public_model.pt")
+    shutil.copyfile(
+        Path(ctx.model_store) / spec.model.init.file, run_dir / "models" / spec.model.init.file
+    )
     (run_dir / "init.json").write_text(json.dumps(spec.model.init.model_dump(), indent=2) + "\n")
     row = MethodResult(
         method=Method.PUBLIC_ONLY,

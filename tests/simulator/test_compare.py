@@ -237,6 +237,10 @@ def test_every_trained_row_starts_from_the_spec_s_initial_weights(comparison):
     assert all(np.array_equal(start[k].numpy(), public[k]) for k in public)
     rows = {row.method: row for row in result.rows}
     assert rows[Method.PUBLIC_ONLY].steps == 0 and rows[Method.PUBLIC_ONLY].max_epsilon is None
+    # Its folder holds the very file model.init names, still matching the recorded hash.
+    init = json.loads((out / rows[Method.PUBLIC_ONLY].run_dir / "init.json").read_text())
+    copied = out / rows[Method.PUBLIC_ONLY].run_dir / "models" / init["file"]
+    assert file_sha256(copied) == init["sha256"] == file_sha256(out / "models_store" / "public.pt")
     # The public row scores those weights untouched: what the sites measured at round 0.
     history = read_history(out / "compare" / "fedavg" / "history.json")
     at_start = {r.site: r.val_dice for r in history.rounds if r.round == 0}
