@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jobs import keys
+from jobs.atomic_files import atomic_write
 
 __all__ = ["CrossSiteResult", "RunHistory", "SiteRound", "read_history", "write_history"]
 
@@ -144,10 +145,8 @@ class RunHistory:
 
 
 def write_history(history: RunHistory, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(history.to_json(), indent=2))
-    tmp.replace(path)
+    text = json.dumps(history.to_json(), indent=2)
+    atomic_write(path, text.encode(), durable=False, mode=0o644)
 
 
 def read_history(path: Path) -> RunHistory:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 from rich.console import Console
 from rich.progress import track
 
+from jobs.atomic_files import atomic_write
 from site_app.dicom_series import (
     PixelLayout,
     SeriesGeometry,
@@ -892,14 +892,7 @@ class _VolumeCache:
         self._headers_loaded = frozenset(by_digest)
 
     def _write_atomically(self, name: str, write) -> None:
-        fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(tmp_name, self.directory / name)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(self.directory / name, write, durable=False, prefix=".")
 
     def load(self, cache_key: str, key: str) -> LabelledVolume | None:
         path = self.directory / f"{cache_key}{VOLUME_SUFFIX}"

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -61,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.atomic_files import atomic_write
 from jobs.spec import Accountant
 
 __all__ = [
@@ -202,23 +202,8 @@ def _span(first: int, last: int) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a mix."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # The rename itself is only durable once the directory is synced.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` with ``data``, durably: a power cut leaves the old or the new file."""
+    atomic_write(path, data, durable=True)
 
 
 class EpsilonLedger:

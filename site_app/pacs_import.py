@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 import zlib
@@ -41,6 +40,7 @@ from requests.adapters import HTTPAdapter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from jobs.atomic_files import atomic_write
 from site_app.dicom_series import SliceHeader, read_header, series_key
 
 __all__ = [
@@ -1047,18 +1047,7 @@ def _declared_pixel_bytes(header) -> int:
 def _write_atomically(path: Path, data: bytes) -> str:
     """Write ``data`` to ``path`` through a temporary file, fsynced before it is renamed, so even
     a power cut leaves no half file under the final name. Returns the sha256 of ``data``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # The folder is not fsynced: a rename lost in a power cut only means the file is fetched again.
+    atomic_write(path, data, durable=True, prefix=PARTIAL_PREFIX)
     return hashlib.sha256(data).hexdigest()
 
 

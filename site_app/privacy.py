@@ -21,6 +21,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
+from jobs.atomic_files import atomic_write
 from jobs.spec import PrivacySpec
 
 __all__ = [
@@ -352,18 +353,15 @@ class DPState:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "history": self.history,
-                "rounds_done": self.rounds_done,
-                "released_patients": self.released_patients,
-                "rng": self.rng_states,
-                "optimizer": self.optimizer,
-            },
-            tmp,
-        )
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a half-written ledger
+        state = {
+            "history": self.history,
+            "rounds_done": self.rounds_done,
+            "released_patients": self.released_patients,
+            "rng": self.rng_states,
+            "optimizer": self.optimizer,
+        }
+        # Durable: the accountant history is what makes the next round's epsilon compose.
+        atomic_write(path, lambda handle: torch.save(state, handle), durable=True)
 
     @classmethod
     def load(cls, path: Path) -> DPState:

@@ -7,12 +7,12 @@ Entries name files by their path relative to the site's data folder and series b
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+from jobs.atomic_files import atomic_write
 
 SCHEMA = "fedseg.quarantine/1"
 
@@ -86,16 +86,8 @@ def write_quarantine(entries: Iterable[QuarantineEntry], path: Path) -> None:
             for e in sorted_entries(entries)
         ],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, text.encode("utf-8"), durable=False)
 
 
 def read_quarantine(path: Path) -> list[QuarantineEntry]:
