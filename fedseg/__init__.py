@@ -1,3 +1,5 @@
-"""fedseg command-line entry point; the domain logic lives in the other packages."""
+"""fedseg command-line entry point; the domain logic lives in the other packages.
 
-__version__ = "0.1.0"
+The version is the installed distribution's (``importlib.metadata``, from pyproject.toml):
+``server_app.model_manifest.fedseg_version``.
+"""

@@ -68,11 +68,30 @@ def _provision(args: argparse.Namespace) -> None:
 # -- poc ---------------------------------------------------------------------------------------
 
 
+def _poc_default_data(args: argparse.Namespace) -> Path:
+    """Without --data: small simulated sites in the workspace (kept, so a restart reuses them).
+
+    Composed here rather than in ``provisioning``, which does not depend on the simulator.
+    """
+    from simulator.synthetic_data import generate_federation_data
+
+    data_dir = Path(args.workspace).resolve() / "data"
+    if not (data_dir / "manifest.json").is_file():
+        console.print(
+            f"no --data: writing {args.sites} small simulated site(s) to {escape(str(data_dir))}"
+        )
+        generate_federation_data(
+            out_dir=data_dir, sites=args.sites, patients_per_site=12, seed=0, matrix=64
+        )
+    return data_dir
+
+
 def _poc_start(args: argparse.Namespace) -> None:
     from provisioning.poc import start_poc
 
+    data_dir = Path(args.data) if args.data else _poc_default_data(args)
     console.print(f"provisioning and starting a server and {args.sites} site(s) on loopback…")
-    state = start_poc(Path(args.workspace), sites=args.sites, data_dir=args.data, port=args.port)
+    state = start_poc(Path(args.workspace), sites=args.sites, data_dir=data_dir, port=args.port)
     federation = state.federation
     console.print(
         f"[green]ready[/green]: {len(federation.sites)} site(s) connected after "

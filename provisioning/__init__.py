@@ -1,4 +1,4 @@
-"""Provisioning, startup kits and POC deployment.
+"""Provisioning (FLARE startup kits with fedseg's builders) and the POC of real FLARE processes.
 
-Not built yet (issue 4): this package is a placeholder so the layout matches docs/ARCHITECTURE.md.
+Runs at the project admin's; see docs/project-admin.md.
 """

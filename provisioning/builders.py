@@ -32,6 +32,7 @@ from nvflare.lighter.spec import Builder, Project, ProvisionContext
 from nvflare.lighter.utils import sign_folders
 
 from jobs.components import SERVER_COMPONENTS, SITE_COMPONENTS
+from jobs.kit_layout import SITE_CONFIG_FILE
 
 __all__ = [
     "AUTHORIZATION",
@@ -40,7 +41,6 @@ __all__ = [
     "StartupSigningBuilder",
 ]
 
-SITE_CONFIG_FILE = "fedseg_site.yaml"  # same name site_app.site_config reads
 
 SERVER_WORKSPACE_ENV = "FEDSEG_SERVER_WORKSPACE"
 """Exported by the server kit's ``startup/sub_start.sh`` (fedseg adds the line before signing):

@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from jobs.kit_layout import SITE_CONFIG_FILE
 from provisioning.provision import Federation, load_federation, provision, template_text
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 STATE_FILE = "poc.json"
-SITE_CONFIG_FILE = "fedseg_site.yaml"
 
 
 class PocError(RuntimeError):
@@ -226,7 +226,7 @@ def start_poc(
     workspace: Path | str,
     *,
     sites: int,
-    data_dir: Path | str | None = None,
+    data_dir: Path | str,
     port: int | None = None,
     timeout_s: float = 180.0,
 ) -> PocState:
@@ -234,7 +234,7 @@ def start_poc(
 
     Args:
         data_dir: a folder with one sub-folder per site (``site-1``, ...), e.g. written by
-            ``fedseg simulate data``; None = simulated data is generated into the workspace.
+            ``fedseg simulate data`` (``fedseg poc start`` writes one when given none).
         port: the server's port on loopback; None = a free one.
     """
     workspace = Path(workspace).resolve()
@@ -246,14 +246,6 @@ def start_poc(
                 f"`fedseg poc stop --workspace {workspace}`"
             )
     workspace.mkdir(parents=True, exist_ok=True)
-    if data_dir is None:
-        from simulator.synthetic_data import generate_federation_data
-
-        data_dir = workspace / "data"
-        if not (data_dir / "manifest.json").is_file():
-            generate_federation_data(
-                out_dir=data_dir, sites=sites, patients_per_site=12, seed=0, matrix=64
-            )
     data_dir = Path(data_dir).resolve()
     missing = [f"site-{i}" for i in range(1, sites + 1) if not (data_dir / f"site-{i}").is_dir()]
     if missing:

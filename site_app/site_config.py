@@ -12,6 +12,7 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jobs.kit_layout import SITE_CONFIG_FILE
 from site_app.policy import PrivacyPolicy
 
 __all__ = [
@@ -21,8 +22,6 @@ __all__ = [
     "load_site_config",
     "site_private_dir",
 ]
-
-SITE_CONFIG_FILE = "fedseg_site.yaml"
 
 
 class SiteConfigError(ValueError):
