@@ -15,7 +15,7 @@ from jobs.atomic_files import atomic_write
 __all__ = ["CrossSiteResult", "RunHistory", "SiteRound", "read_history", "write_history"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SiteRound:
     """One site's report for one round (metrics of the model it received, then its training)."""
 
@@ -87,9 +87,18 @@ class SiteRound:
 
     @classmethod
     def absent(cls, site: str, round_index: int, phase: str = "train") -> SiteRound:
-        return cls(
-            site, round_index, None, None, None, None, None, None, None, missing=True, phase=phase
+        unknown = dict.fromkeys(
+            (
+                "val_dice",
+                "val_patients",
+                "num_patients",
+                "num_steps",
+                "train_loss",
+                "epsilon",
+                "delta",
+            )
         )
+        return cls(site=site, round=round_index, missing=True, phase=phase, **unknown)
 
 
 @dataclass(frozen=True)

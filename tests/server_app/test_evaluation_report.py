@@ -30,20 +30,31 @@ def _cell(attribute, value, n, dice, hd95=4.0):
 
 
 def _round(site, index, dice, epsilon):
-    return SiteRound(site, index, dice, 6, 20, 10, 0.5, epsilon, 1e-5, val_hd95_mm=9.0)
+    return SiteRound(
+        site=site,
+        round=index,
+        val_dice=dice,
+        val_patients=6,
+        num_patients=20,
+        num_steps=10,
+        train_loss=0.5,
+        epsilon=epsilon,
+        delta=1e-5,
+        val_hd95_mm=9.0,
+    )
 
 
 def _final(site, dice, hd95, missing, subgroups):
     return SiteRound(
-        site,
-        2,
-        dice,
-        6,
-        None,
-        None,
-        None,
-        2.0,
-        None,
+        site=site,
+        round=2,
+        val_dice=dice,
+        val_patients=6,
+        num_patients=None,
+        num_steps=None,
+        train_loss=None,
+        epsilon=2.0,
+        delta=None,
         phase="final",
         val_hd95_mm=hd95,
         val_hd95_missing=missing,

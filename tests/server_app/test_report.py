@@ -16,7 +16,18 @@ SPEC = {
 
 
 def _round(site, index, dice, epsilon, refused=None):
-    return SiteRound(site, index, dice, 3, 9, 12, 0.5, epsilon, 1e-5, refused=refused)
+    return SiteRound(
+        site=site,
+        round=index,
+        val_dice=dice,
+        val_patients=3,
+        num_patients=9,
+        num_steps=12,
+        train_loss=0.5,
+        epsilon=epsilon,
+        delta=1e-5,
+        refused=refused,
+    )
 
 
 def _history():
@@ -28,8 +39,30 @@ def _history():
         _round("site-2", 1, 0.40, 12.0, refused="site site-2 refused the round: epsilon ..."),
     ]
     history.final = [
-        SiteRound("site-1", 2, 0.5, 3, None, None, None, 3.5, None, phase="final"),
-        SiteRound("site-2", 2, 0.6, 3, None, None, None, 12.0, None, phase="final"),
+        SiteRound(
+            site="site-1",
+            round=2,
+            val_dice=0.5,
+            val_patients=3,
+            num_patients=None,
+            num_steps=None,
+            train_loss=None,
+            epsilon=3.5,
+            delta=None,
+            phase="final",
+        ),
+        SiteRound(
+            site="site-2",
+            round=2,
+            val_dice=0.6,
+            val_patients=3,
+            num_patients=None,
+            num_steps=None,
+            train_loss=None,
+            epsilon=12.0,
+            delta=None,
+            phase="final",
+        ),
     ]
     history.rounds_completed = 2
     return history
@@ -75,7 +108,18 @@ def test_epsilon_plot_is_written_and_linked(tmp_path):
 def test_no_plot_without_dp(tmp_path):
     history = _history()
     history.rounds = [
-        SiteRound(r.site, r.round, r.val_dice, 3, 9, 12, 0.5, None, None) for r in history.rounds
+        SiteRound(
+            site=r.site,
+            round=r.round,
+            val_dice=r.val_dice,
+            val_patients=3,
+            num_patients=9,
+            num_steps=12,
+            train_loss=0.5,
+            epsilon=None,
+            delta=None,
+        )
+        for r in history.rounds
     ]
     report = write_report(history, spec={"privacy": {"enabled": False}}, out_dir=tmp_path)
     assert "epsilon_per_round.png" not in report["plots"]
@@ -84,7 +128,18 @@ def test_no_plot_without_dp(tmp_path):
 
 def test_budget_left_is_reported_per_site(tmp_path):
     history = _history()
-    history.rounds[2] = SiteRound("site-1", 1, 0.3, 3, 9, 12, 0.5, 3.5, 1e-5, budget_left=6.5)
+    history.rounds[2] = SiteRound(
+        site="site-1",
+        round=1,
+        val_dice=0.3,
+        val_patients=3,
+        num_patients=9,
+        num_steps=12,
+        train_loss=0.5,
+        epsilon=3.5,
+        delta=1e-5,
+        budget_left=6.5,
+    )
     report = write_report(history, spec=SPEC, out_dir=tmp_path)
     rows = {row["site"]: row for row in report["per_site"]}
     assert rows["site-1"]["budget_left"] == 6.5 and rows["site-2"]["budget_left"] is None
