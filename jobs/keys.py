@@ -6,6 +6,10 @@ Both sides import these; no key is spelled as a string literal anywhere else.
 TASK_TRAIN = "train"
 TASK_VALIDATE = "validate"
 
+# Set on every result by FLARE's own BaseModelController (not by the site, which cannot forge it):
+# the name of the participant that sent it. FLARE spells it as a literal too.
+RESULT_SITE = "client_name"
+
 # FLModel.meta keys sent by a site with its result (plain numbers and strings, no patient data).
 NUM_PATIENTS = "num_patients"  # aggregation weight: training patients (DP: the noised count)
 NUM_STEPS = "num_steps"  # optimizer steps taken this round

@@ -110,7 +110,7 @@ class FedSegController(ModelController):
         records, updates = [], []
         responded = set()
         for result in results:
-            site = result.meta.get("client_name")
+            site = result.meta.get(keys.RESULT_SITE)
             responded.add(site)
             record = SiteRound.from_meta(site, round_index, result.meta, phase)
             records.append(record)
@@ -142,7 +142,7 @@ class FedSegController(ModelController):
                 ),
                 timeout=self._job_spec.federation.round_timeout_s,
             )
-            by_site = {result.meta.get("client_name"): result.meta for result in results}
+            by_site = {result.meta.get(keys.RESULT_SITE): result.meta for result in results}
             for site in sites:
                 meta = by_site.get(site)
                 matrix.append(
@@ -261,7 +261,8 @@ class FedSegController(ModelController):
                 break
             weights = fed_avg(updates)
             shareable = {
-                r.meta.get("client_name"): r.meta.get(keys.LOCAL_MODEL_SHAREABLE) for r in results
+                r.meta.get(keys.RESULT_SITE): r.meta.get(keys.LOCAL_MODEL_SHAREABLE)
+                for r in results
             }
             for update in updates:
                 contributors.add(update.site)
