@@ -1,6 +1,6 @@
 """``fedseg provision``, ``fedseg poc`` and ``fedseg job``: parsing and printing only.
 
-The work is done by ``provisioning`` (FLARE provisioning, POC processes), ``jobs.session``
+The work is done by ``provisioning`` (FLARE provisioning, POC processes), ``researcher_app.session``
 (FLARE's Session API) and ``site_app.kit_check``.
 """
 
@@ -127,8 +127,8 @@ def _poc_status(args: argparse.Namespace) -> None:
 
 
 def _job_submit(args: argparse.Namespace) -> None:
-    from jobs.session import submit
     from jobs.spec import load_spec
+    from researcher_app.session import submit
 
     spec = load_spec(args.spec)
     job_id = submit(spec, Path(args.kit), sites=args.sites)
@@ -137,7 +137,7 @@ def _job_submit(args: argparse.Namespace) -> None:
 
 
 def _job_list(args: argparse.Namespace) -> None:
-    from jobs.session import list_jobs
+    from researcher_app.session import list_jobs
 
     table = Table(title="jobs")
     for column in ("job id", "name", "status", "submitted", "duration"):
@@ -159,7 +159,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _job_status(args: argparse.Namespace) -> int:
-    from jobs.session import job_status
+    from researcher_app.session import job_status
 
     status = job_status(Path(args.kit), args.job_id)
     planned = "?" if status.rounds_planned is None else status.rounds_planned
@@ -199,14 +199,14 @@ def _job_status(args: argparse.Namespace) -> int:
 
 
 def _job_abort(args: argparse.Namespace) -> None:
-    from jobs.session import abort
+    from researcher_app.session import abort
 
     abort(Path(args.kit), args.job_id)
     console.print(f"[yellow]aborted[/yellow] {escape(args.job_id)}")
 
 
 def _job_download(args: argparse.Namespace) -> None:
-    from jobs.session import download
+    from researcher_app.session import download
     from server_app.history import read_history
     from server_app.report import final_table, write_report
 
@@ -272,9 +272,9 @@ def register(commands: argparse._SubParsersAction, int_at_least) -> None:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from jobs.session import FederationError
     from provisioning.poc import PocError
     from provisioning.provision import ProvisioningError
+    from researcher_app.session import FederationError
 
     return (FederationError, PocError, ProvisioningError)
 

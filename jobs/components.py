@@ -4,7 +4,8 @@ Every participant's ``local/resources.json`` (provisioned kits and the simulator
 allows exactly these paths and nothing else, so a job, which is configuration written by a
 researcher, can only assemble fedseg's own components: no other callable of fedseg's packages
 (e.g. the model signer or the PACS importer) and none of FLARE's (e.g. a script launcher).
-``jobs.flare_job.build_job`` uses only these; a test compares an exported job with this list.
+``researcher_app.flare_job.build_job`` uses only these; a test compares an exported job with
+this list.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ SERVER_CONTROLLER = "server_app.controller.FedSegController"
 SERVER_COMPONENTS = (
     SERVER_CONTROLLER,
     "server_app.tracking.ServerTensorBoardReceiver",
+    "server_app.mlflow_tracking.ServerMLflowReceiver",
 )
-"""What the server builds for a fedseg job: the FedAvg controller and its TensorBoard writer."""
+"""What the server builds for a fedseg job: the FedAvg controller, its TensorBoard writer and
+(``tracking.mlflow``) its MLflow writer, neither with arguments a job can set."""
 
 
 def _entries(config: dict) -> Iterator[dict]:

@@ -22,6 +22,7 @@ __all__ = [
     "Network",
     "Optimizer",
     "PrivacySpec",
+    "TrackingSpec",
     "load_spec",
     "parse_spec",
 ]
@@ -228,6 +229,27 @@ class EvaluationSpec(_Strict):
     docs/performance.md); false keeps only the final global model's evaluation."""
 
 
+class TrackingSpec(_Strict):
+    """Experiment tracking, recorded at the server from the aggregate metrics the sites already
+    send (validation Dice and HD95, epsilon). TensorBoard files are always written. Where a
+    store lives is the server's choice (``server_app.mlflow_tracking``), never the job's."""
+
+    mlflow: bool = False
+    """Also record the job in the server's MLflow store: one run per site (its metrics per
+    round), a federation run (mean Dice per round, the spec as parameters, the signed final
+    model as an artifact)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: object) -> object:
+        if not isinstance(data, dict | TrackingSpec):
+            raise ValueError(
+                "tracking: expected a mapping of trackers to switch on, e.g. "
+                f"`tracking: {{mlflow: true}}`, got {data!r}"
+            )
+        return data
+
+
 class JobSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     model: ModelSpec = ModelSpec()
@@ -236,6 +258,7 @@ class JobSpec(_Strict):
     privacy: PrivacySpec = PrivacySpec(noise_multiplier=1.0)
     federation: FederationSpec = FederationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     def to_plain(self) -> dict:
         """The spec as plain JSON-able data (what travels inside a FLARE job config)."""

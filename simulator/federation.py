@@ -2,7 +2,8 @@
 
 Each site is a FLARE ``simulator_worker`` process reading its own DICOM folder; the server runs
 fedseg's controller. Progress is read from the server's progress file while the run goes on.
-TensorBoard event files of the server and the sites are gathered under ``<out>/tensorboard/``.
+TensorBoard event files of the server and the sites are gathered under ``<out>/tensorboard/``;
+with ``tracking.mlflow`` the server writes its MLflow store straight into ``<out>/mlflow/``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from nvflare.fuel.utils.log_utils import default_log_dict
 from nvflare.recipe import SimEnv
 
 from jobs.components import SERVER_COMPONENTS, SITE_COMPONENTS, TB_FOLDER
-from jobs.flare_job import FedSegRecipe
 from jobs.spec import JobSpec
+from researcher_app.flare_job import FedSegRecipe
 from server_app.controller import OUTPUT_FOLDER, SIMULATION_MODEL_STORE_ENV
 from server_app.history import RunHistory, SiteRound, read_history
+from server_app.tracking import MLFLOW_FOLDER, MLFLOW_STORE_ENV, federation_scalars
 from site_app.policy import PrivacyPolicy
 from site_app.site_mode import SIMULATION_SITE_CONFIGS_ENV
 from site_app.training import SITES_SHARING_DEVICE_ENV
@@ -163,29 +165,15 @@ def _collect_tensorboard(workspace: Path, sites: list[str], out: Path) -> None:
 
 
 def _write_federation_scalars(history: RunHistory, log_dir: Path) -> None:
-    """The federation's own TensorBoard run, from the server's history (step = rounds done).
-
-    ``federation/mean_val_dice``: mean over sites of the Dice of the global model after k
-    rounds; ``federation/site_updates``: updates aggregated in round k; ``federation/
-    max_epsilon``: the largest epsilon any site reported after round k.
+    """The federation's own TensorBoard run, from the server's history (step = rounds done):
+    ``server_app.tracking.federation_scalars``, the same scalars the MLflow federation run has.
     """
     from nvflare.app_opt.tracking.tb.tb_event_writer import TensorBoardEventWriter
 
-    by_model: dict[int, list[float]] = {}
-    for record in [*history.rounds, *history.final]:
-        if record.val_dice is not None and not record.missing:
-            by_model.setdefault(record.round, []).append(record.val_dice)
     writer = TensorBoardEventWriter(log_dir=str(log_dir))
     try:
-        for step, values in sorted(by_model.items()):
-            writer.add_scalar("federation/mean_val_dice", sum(values) / len(values), step)
-        for round_index in range(history.rounds_completed):
-            records = [r for r in history.rounds if r.round == round_index]
-            updates = sum(1 for r in records if not r.refused and not r.missing)
-            writer.add_scalar("federation/site_updates", updates, round_index + 1)
-            epsilons = [r.epsilon for r in records if r.epsilon is not None]
-            if epsilons:
-                writer.add_scalar("federation/max_epsilon", max(epsilons), round_index + 1)
+        for tag, value, step in federation_scalars(history):
+            writer.add_scalar(tag, value, step)
     finally:
         writer.close()
 
@@ -242,6 +230,10 @@ def run_simulation(
         site_policies or {},
         Path(cache_dir) if cache_dir is not None else out_dir / "cache",
     )
+    # The server's MLflow store (tracking.mlflow) is this run's alone, like every result here.
+    mlflow_store = out_dir / MLFLOW_FOLDER
+    if mlflow_store.exists():
+        shutil.rmtree(mlflow_store)
     workspace_root = out_dir / "flare_workspace"
     workspace = workspace_root / spec.name
     log_config = _prepare_workspace(workspace)
@@ -271,6 +263,7 @@ def run_simulation(
         SITES_SHARING_DEVICE_ENV: str(threads),
         SIMULATION_SITE_CONFIGS_ENV: str(next(iter(site_configs.values())).parent),
         SIMULATION_MODEL_STORE_ENV: str(Path(model_store or ".").resolve()),
+        MLFLOW_STORE_ENV: str(mlflow_store),
     }
     before = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)

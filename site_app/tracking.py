@@ -70,7 +70,8 @@ class SiteMetricsTracker(FLComponent):
     """Turns each ``train``/``validate`` result of this site into FLARE analytics events.
 
     Needs, in the same site app, a ``SiteTensorBoardReceiver`` (site-local event files) and/or
-    ``MetricsToServer`` (the server's event files); ``jobs.flare_job.build_job`` adds both.
+    ``MetricsToServer`` (the server's event files); ``researcher_app.flare_job.build_job`` adds
+    both.
     """
 
     def __init__(self) -> None:

@@ -128,7 +128,7 @@ def test_a_refusal_reason_and_a_site_name_with_brackets_are_printed_intact(capsy
 
 def test_job_status_prints_remote_text_intact(monkeypatch, capsys):
     from fedseg import deploy_cli
-    from jobs import session
+    from researcher_app import session
 
     status = session.JobStatus(
         job_id="[j1]",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.session import job_status
 from jobs.spec import load_spec, parse_spec
 from provisioning.poc import PocState, poc_processes, start_poc, stop_poc
+from researcher_app.session import job_status
 from simulator.synthetic_data import generate_federation_data
 from site_app.site_config import SITE_CONFIG_FILE, load_site_config, site_private_dir
 

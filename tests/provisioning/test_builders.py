@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from jobs.components import SERVER_COMPONENTS, SITE_COMPONENTS
-from jobs.flare_job import build_job
-from jobs.spec import load_spec
+from jobs.spec import load_spec, parse_spec
 from provisioning.builders import AUTHORIZATION, SERVER_WORKSPACE_ENV
 from provisioning.provision import provision, template_text
+from researcher_app.flare_job import build_job
 
 DOC = Path("docs/project-admin.md")
 
@@ -41,7 +41,11 @@ def test_each_side_allows_exactly_fedseg_s_components(federation):
 
 
 def test_the_job_fedseg_builds_uses_only_the_allowed_components(tmp_path):
-    build_job(load_spec("jobs/specs/demo.yaml"), sites=["site-1"]).export_job(str(tmp_path))
+    # Every optional component on (tracking.mlflow), so the job uses the whole allow-list.
+    spec = parse_spec(
+        {**load_spec("jobs/specs/demo.yaml").to_plain(), "tracking": {"mlflow": True}}
+    )
+    build_job(spec, sites=["site-1"]).export_job(str(tmp_path))
     job = next(tmp_path.iterdir())
 
     def paths(config: dict) -> set[str]:

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.flare_job import build_job
-from jobs.session import FederationError, download, job_status, open_session, submit
 from provisioning.poc import (
     connected_sites,
     poc_processes,
@@ -22,6 +20,8 @@ from provisioning.poc import (
     stop_participant,
 )
 from provisioning.provision import provision, template_text
+from researcher_app.flare_job import build_job
+from researcher_app.session import FederationError, download, job_status, open_session, submit
 from server_app.history import read_history
 from server_app.report import write_report
 from tests.provisioning.conftest import POLICY, site_private

@@ -19,9 +19,9 @@ import pytest
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
 
 from fedseg.cli import main
-from jobs.flare_job import build_job
-from jobs.session import open_session
 from provisioning.builders import AUTHORIZATION
+from researcher_app.flare_job import build_job
+from researcher_app.session import open_session
 from site_app.ledger import EpsilonLedger
 from tests.provisioning.conftest import (
     CANARY,

@@ -8,6 +8,8 @@ Experiment tracking uses FLARE's own components with fedseg's fixed settings: ea
 ``SiteMetricsTracker`` fires analytics events, a site-local ``SiteTensorBoardReceiver`` writes
 them into the site's run folder and ``MetricsToServer`` forwards them to the server's
 ``ServerTensorBoardReceiver`` (one TensorBoard run per site under ``<server run dir>/tb_events/``).
+With ``tracking.mlflow`` the server's ``ServerMLflowReceiver`` records the same forwarded events
+in the server's own MLflow store; nothing more leaves a site.
 
 Only the components of ``jobs.components`` are used: they are what every participant's
 allow-list admits. The spec is the one thing a job carries; the site's config and mode are the
@@ -28,12 +30,17 @@ APP_PACKAGES = ["jobs", "site_app", "server_app"]
 """Packages installed at every site and at the server; never copied into a job."""
 
 
-def _add_tracking(job: FedJob, sites: list[str]) -> None:
-    """FLARE's TensorBoard tracking: site events -> site files, and -> server files."""
+def _add_tracking(job: FedJob, sites: list[str], *, mlflow: bool) -> None:
+    """FLARE's tracking: site events -> site TensorBoard files, and -> the server's TensorBoard
+    files (and, with ``mlflow``, the server's MLflow store)."""
     from server_app.tracking import ServerTensorBoardReceiver
     from site_app.tracking import MetricsToServer, SiteMetricsTracker, SiteTensorBoardReceiver
 
     job.to_server(ServerTensorBoardReceiver(), id="tb_receiver")
+    if mlflow:
+        from server_app.mlflow_tracking import ServerMLflowReceiver
+
+        job.to_server(ServerMLflowReceiver(), id="mlflow_receiver")
     for site in sites:
         job.to(SiteMetricsTracker(), site, id="metrics_tracker")
         job.to(SiteTensorBoardReceiver(), site, id="tb_receiver")
@@ -45,7 +52,9 @@ def build_job(spec: JobSpec, *, sites: list[str], tracking: bool = True) -> FedJ
     production (each site finds its own config: ``site_app.site_mode``).
 
     Args:
-        tracking: write TensorBoard event files at the server and at every site.
+        tracking: write TensorBoard event files at the server and at every site, and record
+            the job in the server's MLflow store when the spec asks (``tracking.mlflow``);
+            False turns all tracking off.
     """
     from server_app.controller import FedSegController
     from site_app.executor import SiteTrainer
@@ -56,7 +65,7 @@ def build_job(spec: JobSpec, *, sites: list[str], tracking: bool = True) -> FedJ
     for site in sites:
         job.to(SiteTrainer(spec=spec.to_plain()), site, tasks=["train", "validate"])
     if tracking:
-        _add_tracking(job, sites)
+        _add_tracking(job, sites, mlflow=spec.tracking.mlflow)
     return job
 
 

@@ -1,10 +1,11 @@
 """The researcher's side of a real federation: FLARE's Session API with an admin startup kit.
 
-``submit`` turns a JobSpec into the same FLARE job the simulator runs (``jobs.flare_job``) and
-submits it; ``list_jobs``, ``job_status``, ``abort`` and ``download`` wrap the Session API with
-answers a researcher can read: the round reached, the sites connected, each site's epsilon and,
-when a site declined, the site's own reason. The server's job folder holds ``fedseg/history.json``
-(written by ``server_app.controller``), which is where those answers come from.
+``submit`` turns a JobSpec into the same FLARE job the simulator runs
+(``researcher_app.flare_job``) and submits it; ``list_jobs``, ``job_status``, ``abort`` and
+``download`` wrap the Session API with answers a researcher can read: the round reached, the
+sites connected, each site's epsilon and, when a site declined, the site's own reason. The
+server's job folder holds ``fedseg/history.json`` (written by ``server_app.controller``), which
+is where those answers come from.
 
 Authentication, mutual TLS and authorization are FLARE's: the kit's certificate says who the
 user is, and the server's ``authorization.json`` decides what that role may do.
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import keys
-from jobs.flare_job import build_job
 from jobs.spec import JobSpec
+from researcher_app.flare_job import build_job
 
 __all__ = [
     "FederationError",
