@@ -27,6 +27,7 @@ from jobs.model import (
 from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
+from site_app.fingerprint import fingerprint_of, fingerprint_path, write_fingerprint
 from site_app.ingestion import ingest_site
 from site_app.ledger import EpsilonLedger, LedgerTampered, generate_site_key
 from site_app.policy import SiteRefusal, default_max_delta, job_policy_problems
@@ -91,7 +92,8 @@ class LocalJob:
         simulation: True only in the simulator; then a seeded spec also seeds DP noise.
         job_id: how this run is named in the site's epsilon ledger (FLARE's job id).
         private_dir: the site's folder out of FLARE's reach (``site_config.site_private_dir``):
-            the job's quarantine list goes to ``<private_dir>/<job id>/``, and the cache
+            the job's quarantine list and data fingerprint (``site_app.fingerprint``) go to
+            ``<private_dir>/<job id>/``, and the cache
             defaults to ``<private_dir>/cache``. None = ``state_dir``'s parent (tests, tools).
     """
 
@@ -141,6 +143,10 @@ class LocalJob:
                 f"site {site}: no usable labelled patients in the data folder; "
                 "run `fedseg site check --data DIR` to see what was quarantined and why"
             )
+        # Aggregates of what this job trains on, for `fedseg site drift`; stays at the site.
+        write_fingerprint(
+            fingerprint_of(ingested, job=self.job_id), fingerprint_path(private, self.job_id)
+        )
 
         self._state_path = state_dir / "dp_state.pt"
         self._fingerprint = _spec_fingerprint(spec)
