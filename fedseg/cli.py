@@ -621,8 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
     pacs.set_defaults(handler=_site_import)
 
-    from fedseg import deploy_cli, privacy_cli
+    from fedseg import deploy_cli, drift_cli, infer_cli, privacy_cli
 
+    infer_cli.register(site_commands, _int_at_least)
+    drift_cli.register(site_commands, _int_at_least)
     deploy_cli.register(commands, _int_at_least)
     privacy_cli.register(commands, sim_commands, _int_at_least)
 
