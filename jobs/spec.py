@@ -242,9 +242,11 @@ class TrackingSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _a_mapping(cls, data: object) -> object:
+        if data == "mlflow":  # the short form: `tracking: mlflow`
+            return {"mlflow": True}
         if not isinstance(data, dict | TrackingSpec):
             raise ValueError(
-                "tracking: expected a mapping of trackers to switch on, e.g. "
+                "tracking: expected `mlflow` or a mapping of trackers to switch on, e.g. "
                 f"`tracking: {{mlflow: true}}`, got {data!r}"
             )
         return data

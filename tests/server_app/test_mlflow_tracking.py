@@ -26,11 +26,11 @@ from tests.conftest import tiny_spec
     ("tracking", "message"),
     [
         (
-            "mlflow",
-            "tracking: expected a mapping of trackers to switch on, e.g. "
-            "`tracking: {mlflow: true}`, got 'mlflow'",
+            "wandb",
+            "tracking: expected `mlflow` or a mapping of trackers to switch on, e.g. "
+            "`tracking: {mlflow: true}`, got 'wandb'",
         ),
-        (["mlflow"], "tracking: expected a mapping of trackers to switch on"),
+        (["mlflow"], "tracking: expected `mlflow` or a mapping of trackers to switch on"),
         ({"mlflow": "maybe"}, "tracking.mlflow: Input should be a valid boolean"),
         ({"wandb": True}, "tracking.wandb: unknown key"),
     ],
@@ -43,7 +43,8 @@ def test_a_wrong_tracking_value_is_refused_naming_the_field(tracking, message):
 
 
 @pytest.mark.parametrize(
-    ("tracking", "mlflow"), [({}, False), ({"mlflow": True}, True), ({"mlflow": False}, False)]
+    ("tracking", "mlflow"),
+    [({}, False), ({"mlflow": True}, True), ({"mlflow": False}, False), ("mlflow", True)],
 )
 def test_mlflow_is_off_unless_the_spec_switches_it_on(tracking, mlflow):
     assert parse_spec({"name": "x", "tracking": tracking}).tracking.mlflow is mlflow
