@@ -217,6 +217,13 @@ class FederationSpec(_Strict):
     transfer_dtype: TransferDtype = TransferDtype.FLOAT32
     """float16 halves the bytes a site sends per round, at a small cost in Dice
     (docs/performance.md); the global model always travels in float32."""
+    server_lr: Annotated[float, Field(gt=0, le=5)] = 1.0
+    """Server step size on the round's average update (FedAvgM): the global model moves
+    ``server_lr`` times the way from itself to the sites' average. 1 is plain FedAvg; 2 made
+    FedAvg take about as far a step as pooled training does over the same epochs
+    (docs/researcher.md); 3 diverged."""
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Server momentum on those average updates (FedAvgM); 0 is none."""
 
 
 class EvaluationSpec(_Strict):

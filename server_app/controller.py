@@ -23,7 +23,7 @@ from jobs.components import SERVER_CONTROLLER, has_variable_references, written_
 from jobs.model import ModelInitError, initial_weights, numpy_to_state
 from jobs.spec import parse_spec
 from jobs.transfer import pack_weights, unpack_weights, weight_layout
-from server_app.aggregation import SiteUpdate, fed_avg
+from server_app.aggregation import SiteUpdate, fed_avg, server_step
 from server_app.history import CrossSiteResult, RunHistory, SiteRound, write_history
 from server_app.model_manifest import (
     load_provisioned_signer,
@@ -231,6 +231,7 @@ class FedSegController(ModelController):
         # evaluation only when the site allowed it (keys.LOCAL_MODEL_SHAREABLE).
         local_models: dict[str, tuple[int, dict]] = {}
         contributors: set[str] = set()
+        velocity: dict[str, np.ndarray] = {}  # server momentum (FedAvgM); empty: none yet
 
         for round_index in range(rounds):
             self.info(f"round {round_index + 1}/{rounds}: sending the global model to {sites}")
@@ -259,7 +260,13 @@ class FedSegController(ModelController):
                 self.warning(history.stopped_reason)
                 write_history(history, history_path)
                 break
-            weights = fed_avg(updates)
+            weights, velocity = server_step(
+                weights,
+                fed_avg(updates),
+                velocity,
+                lr=spec.federation.server_lr,
+                momentum=spec.federation.server_momentum,
+            )
             shareable = {
                 r.meta.get(keys.RESULT_SITE): r.meta.get(keys.LOCAL_MODEL_SHAREABLE)
                 for r in results

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from server_app.aggregation import SiteUpdate, fed_avg
+from server_app.aggregation import SiteUpdate, fed_avg, server_step
 
 
 def _update(site, value, patients, shape=(2, 3)):
@@ -48,3 +48,22 @@ def test_arrival_order_does_not_change_a_single_bit():
 def test_bad_updates_are_refused_naming_the_site(updates, message):
     with pytest.raises(ValueError, match=message):
         fed_avg(updates)
+
+
+def test_a_server_step_of_one_without_momentum_is_plain_fedavg_bit_for_bit():
+    old = {"w": np.array([0.1, 0.2], dtype=np.float32), "n": np.array([3])}
+    averaged = {"w": np.array([0.3, -0.7], dtype=np.float32), "n": np.array([3])}
+    weights, velocity = server_step(old, averaged, {}, lr=1.0, momentum=0.0)
+    assert weights["w"].tobytes() == averaged["w"].tobytes() and velocity == {}
+
+
+def test_the_server_step_scales_the_average_update_and_carries_momentum():
+    old = {"w": np.array([1.0, 1.0], dtype=np.float32), "n": np.array([7])}
+    averaged = {"w": np.array([2.0, 0.0], dtype=np.float32), "n": np.array([7])}
+    first, velocity = server_step(old, averaged, {}, lr=2.0, momentum=0.5)
+    np.testing.assert_allclose(first["w"], [3.0, -1.0])  # 1 + 2 * (+-1)
+    assert first["w"].dtype == np.float32 and first["n"].tolist() == [7]
+    # Next round the sites' average equals the current model: only momentum moves it.
+    second, velocity = server_step(first, dict(first), velocity, lr=2.0, momentum=0.5)
+    np.testing.assert_allclose(second["w"], [3.0 + 2 * 0.5 * 1.0, -1.0 - 2 * 0.5 * 1.0])
+    np.testing.assert_allclose(velocity["w"], [0.5, -0.5])
