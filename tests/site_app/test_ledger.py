@@ -4,7 +4,6 @@ import base64
 import hashlib
 import json
 import stat
-from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,13 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
-from site_app.ledger import (
-    EpsilonLedger,
-    LedgerEntry,
-    LedgerTampered,
-    generate_site_key,
-    ledger_table,
-)
+from fedseg.ledger_cli import ledger_table
+from site_app.ledger import EpsilonLedger, LedgerTampered, generate_site_key
+from site_app.ledger_format import LedgerEntry
 
 # (job, round, epsilon_after): job-a is entries 0-2, job-b entries 3-4.
 ROUNDS = [
@@ -407,5 +402,5 @@ def test_entries_carry_only_accounting_fields_never_patient_data(ledger_path, fi
         "entry_hash",
         "signature",
     }
-    assert {f.name for f in fields(LedgerEntry)} == expected
+    assert set(LedgerEntry.model_fields) == expected
     assert all(set(json.loads(line)) == expected for line in _lines(ledger_path))
