@@ -284,14 +284,14 @@ def _site_check(args: argparse.Namespace) -> int | None:
 
 
 def _site_import(args: argparse.Namespace) -> None:
-    from site_app.pacs_import import (
+    from site_app.dicomweb_source import (
         DicomwebSource,
         ImportLimits,
-        PacsImportError,
         StudySelection,
-        import_from_dicomweb,
         limit_flags,
     )
+    from site_app.pacs_errors import PacsImportError
+    from site_app.pacs_import import import_from_dicomweb
 
     try:
         source = DicomwebSource(
