@@ -43,13 +43,11 @@ import binascii
 import fcntl
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -59,11 +57,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from jobs.atomic_files import atomic_write
-from jobs.spec import Accountant
 from site_app.ledger_format import (
     GENESIS_HASH,
     LedgerEntry,
     Reading,
+    append_values,
     canonical,
     entry_hash,
     head_payload,
@@ -306,7 +304,7 @@ class EpsilonLedger:
                 f"epsilon ledger {self.path} was opened read-only (no private key); open it with "
                 "EpsilonLedger.open(path=..., key_path=<site key>) to append"
             )
-        values = _validated(
+        values = append_values(
             job=job,
             round=round,
             steps=steps,
@@ -402,46 +400,6 @@ def spent_by_job(entries: list[LedgerEntry]) -> dict[str, float]:
     for entry in entries:
         spent[entry.job] = entry.epsilon_after
     return spent
-
-
-def _validated(**values: Any) -> dict[str, Any]:
-    """The append arguments checked and normalised (floats as float, accountant as its value)."""
-
-    def fail(name: str, expected: str) -> ValueError:
-        return ValueError(
-            f"epsilon ledger append: {name}: expected {expected}, got {values[name]!r}"
-        )
-
-    def number(name: str, ok: Callable[[float], bool], expected: str) -> float:
-        value = values[name]
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise fail(name, expected)
-        if not math.isfinite(value) or not ok(float(value)):
-            raise fail(name, expected)
-        return float(value)
-
-    def count(name: str) -> int:
-        value = values[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise fail(name, "an integer >= 0")
-        return value
-
-    if not isinstance(values["job"], str) or not values["job"].strip():
-        raise fail("job", "a non-empty job name or id")
-    try:
-        accountant = Accountant(values["accountant"]).value
-    except ValueError:
-        raise fail("accountant", " or ".join(repr(a.value) for a in Accountant)) from None
-    return {
-        "job": values["job"],
-        "round": count("round"),
-        "steps": count("steps"),
-        "sample_rate": number("sample_rate", lambda q: 0 < q <= 1, "a number in (0, 1]"),
-        "noise_multiplier": number("noise_multiplier", lambda s: s > 0, "a number > 0"),
-        "accountant": accountant,
-        "epsilon_after": number("epsilon_after", lambda e: e >= 0, "a finite number >= 0"),
-        "delta": number("delta", lambda d: 0 < d < 1, "a number in (0, 1)"),
-    }
 
 
 def generate_site_key(path: Path) -> None:

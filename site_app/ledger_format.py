@@ -6,8 +6,9 @@ JSON (`canonical`: sorted keys, no whitespace, ASCII only, no NaN) of a `LedgerE
 file is the canonical JSON of `head_payload` plus its ``signature``. Each line is parsed with
 ``json``, validated once against `LedgerEntry` (pydantic, ``extra="forbid"``, strict types), then
 checked for canonical form, hash, signature, chain and head; every problem names the entry
-(index, line, job and round when readable). Signatures are checked by the caller's
-``signature_ok(signature_base64, message) -> bool``: this module holds no key.
+(index, line, job and round when readable). `append_values` checks a new entry's values.
+Signatures are checked by the caller's ``signature_ok(signature_base64, message) -> bool``:
+this module holds no key.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +25,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from jobs.spec import Accountant
+
 __all__ = [
     "GENESIS_HASH",
     "HEAD_SCHEMA",
     "LedgerEntry",
     "Reading",
+    "append_values",
     "canonical",
     "entry_hash",
     "head_payload",
@@ -363,3 +368,44 @@ def read_ledger(path: Path, head_path: Path, signature_ok: SignatureCheck) -> Re
     elif head is not None:
         problems.extend(_check_head(path, head, hashes, labels))
     return Reading(raw=raw, entries=entries, problems=problems, has_head=has_head)
+
+
+def append_values(**values: Any) -> dict[str, Any]:
+    """A new entry's values as `EpsilonLedger.append` is given them, checked (``ValueError``
+    naming the field) and normalised: floats as float, the accountant as its value."""
+
+    def fail(name: str, expected: str) -> ValueError:
+        return ValueError(
+            f"epsilon ledger append: {name}: expected {expected}, got {values[name]!r}"
+        )
+
+    def number(name: str, ok: Callable[[float], bool], expected: str) -> float:
+        value = values[name]
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise fail(name, expected)
+        if not math.isfinite(value) or not ok(float(value)):
+            raise fail(name, expected)
+        return float(value)
+
+    def count(name: str) -> int:
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise fail(name, "an integer >= 0")
+        return value
+
+    if not isinstance(values["job"], str) or not values["job"].strip():
+        raise fail("job", "a non-empty job name or id")
+    try:
+        accountant = Accountant(values["accountant"]).value
+    except ValueError:
+        raise fail("accountant", " or ".join(repr(a.value) for a in Accountant)) from None
+    return {
+        "job": values["job"],
+        "round": count("round"),
+        "steps": count("steps"),
+        "sample_rate": number("sample_rate", lambda q: 0 < q <= 1, "a number in (0, 1]"),
+        "noise_multiplier": number("noise_multiplier", lambda s: s > 0, "a number > 0"),
+        "accountant": accountant,
+        "epsilon_after": number("epsilon_after", lambda e: e >= 0, "a finite number >= 0"),
+        "delta": number("delta", lambda d: 0 < d < 1, "a number in (0, 1)"),
+    }
