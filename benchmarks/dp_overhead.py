@@ -82,7 +82,7 @@ def _private(spec, mode: str, noise: float, *, relu=False, channels_last=False, 
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from site_app.privacy import wrap_private
+    from site_app.dp_samplers import wrap_private
     from site_app.training import make_loss
 
     torch.manual_seed(seed)

@@ -283,30 +283,15 @@ def _site_check(args: argparse.Namespace) -> int | None:
     )
 
 
-def _site_ledger(args: argparse.Namespace) -> int:
-    from site_app.ledger import EpsilonLedger, LedgerTampered, ledger_table
-
-    ledger_path = Path(args.ledger)
-    key_path = Path(args.key) if args.key else ledger_path.parent / "site_key.pem"
-    ledger = EpsilonLedger.open(path=ledger_path, key_path=key_path)
-    problems = ledger.verify()
-    if problems:
-        error_console.print(str(LedgerTampered(ledger_path, problems)), markup=False)
-        return 1
-    console.print(ledger_table(ledger, budget=args.budget))
-    console.print(f"[green]verified[/green]: {len(ledger.entries())} entries, chain and signatures")
-    return 0
-
-
 def _site_import(args: argparse.Namespace) -> None:
-    from site_app.pacs_import import (
+    from site_app.dicomweb_source import (
         DicomwebSource,
         ImportLimits,
-        PacsImportError,
         StudySelection,
-        import_from_dicomweb,
         limit_flags,
     )
+    from site_app.pacs_errors import PacsImportError
+    from site_app.pacs_import import import_from_dicomweb
 
     try:
         source = DicomwebSource(
@@ -556,13 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quarantine-out", default="quarantine.json", help="where to write the quarantine list"
     )
     check.set_defaults(handler=_site_check)
-    ledger = site_commands.add_parser(
-        "ledger", help="show and verify the site's epsilon ledger (all jobs, budget left)"
-    )
-    ledger.add_argument("--ledger", required=True, help="the ledger file (epsilon_ledger.jsonl)")
-    ledger.add_argument("--key", help="the site's signing key (default: site_key.pem beside it)")
-    ledger.add_argument("--budget", type=float, help="the site's total epsilon budget")
-    ledger.set_defaults(handler=_site_ledger)
+    from fedseg import ledger_cli
+
+    ledger_cli.register(site_commands)  # here, so `fedseg site --help` keeps its order
     pacs = site_commands.add_parser(
         "import", help="copy studies from the PACS over DICOMweb into the site's data folder"
     )

@@ -122,7 +122,7 @@ def _verified_model(args: argparse.Namespace, user_error: type[Exception]):
 
 
 def _source(args: argparse.Namespace):
-    from site_app.pacs_import import DicomwebSource
+    from site_app.dicomweb_source import DicomwebSource
 
     return DicomwebSource(
         url=args.dicomweb,
@@ -173,12 +173,10 @@ def _describe_outcome(index: int, total: int, outcome) -> str:
 
 def _site_infer(args: argparse.Namespace) -> int:
     from fedseg.cli import _UserError
+    from site_app.dicomweb_source import StudySelection
     from site_app.inference import InferenceError, run_inference
-    from site_app.pacs_import import (
-        PacsImportError,
-        StudySelection,
-        import_from_dicomweb,
-    )
+    from site_app.pacs_errors import PacsImportError
+    from site_app.pacs_import import import_from_dicomweb
     from site_app.seg_writer import SegStoreError, store_segs
 
     _check_arguments(args, _UserError)

@@ -71,14 +71,24 @@ def dp_incompatibilities(model: nn.Module) -> list[str]:
     errors = ModuleValidator.validate(model, strict=False)
     if not errors:
         return []
-    problems = [
-        f"model.{name}: {type(module).__name__} is not supported with DP "
-        "(it mixes patients within a batch); use norm: instance"
+    batch_norms = [
+        (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.modules.batchnorm._BatchNorm)
     ]
-    # Anything else Opacus found, in its own words: every message, not one per error type.
-    return problems or [f"model: {error}" for error in errors]
+    problems = [
+        f"model.{name}: {type(module).__name__} is not supported with DP "
+        "(it mixes patients within a batch); use norm: instance"
+        for name, module in batch_norms
+    ]
+    # Opacus's errors name no module: leave out those its BatchNorm validator gives (named above)
+    # and keep anything else it found in its own words, every message, not one per error type.
+    named = {
+        str(error)
+        for _, module in batch_norms
+        for error in ModuleValidator.VALIDATORS.get(type(module), lambda _: [])(module)
+    }
+    return problems + [f"model: {error}" for error in errors if str(error) not in named]
 
 
 def file_sha256(path: Path) -> str:

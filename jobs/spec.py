@@ -64,7 +64,7 @@ class GradSampleMode(StrEnum):
     HOOKS = "hooks"
     FUNCTORCH = "functorch"
     GROUPED = "grouped"
-    """Opacus's hooks with fedseg's grouped-convolution samplers (site_app.privacy.GROUPED)."""
+    """Opacus's hooks with fedseg's grouped-convolution samplers (site_app.dp_samplers.GROUPED)."""
 
 
 class TransferDtype(StrEnum):

@@ -24,13 +24,9 @@ from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
 
 from jobs.atomic_files import atomic_write
-from site_app.pacs_import import (
-    DicomwebSource,
-    ImportLimits,
-    _client,
-    _http_errors,
-    _transport_quiet,
-)
+from site_app.dicomweb_search import search_client
+from site_app.dicomweb_source import DicomwebSource, ImportLimits
+from site_app.pacs_errors import http_errors, transport_quiet
 
 __all__ = [
     "ModelProvenance",
@@ -206,11 +202,11 @@ def store_segs(source: DicomwebSource, written: Sequence[WrittenSeg]) -> list[St
         PacsImportError: the PACS cannot be reached or refuses (naming the server and the fix).
         SegStoreError: the PACS did not keep what was sent (naming the series by its key).
     """
-    client = _client(source, ImportLimits())
+    client = search_client(source, ImportLimits())
     stored = []
-    with _transport_quiet():
+    with transport_quiet():
         for seg in written:
-            with _http_errors(source, f"storing the SEG of series {seg.series_key}"):
+            with http_errors(source, f"storing the SEG of series {seg.series_key}"):
                 answer = client.store_instances(
                     datasets=[dcmread(seg.path)], study_instance_uid=seg.study_uid
                 )
@@ -219,7 +215,7 @@ def store_segs(source: DicomwebSource, written: Sequence[WrittenSeg]) -> list[St
                     f"the PACS refused the SEG of series {seg.series_key} (STOW-RS "
                     "FailedSOPSequence); see the PACS's log"
                 )
-            with _http_errors(source, f"reading back the SEG of series {seg.series_key}"):
+            with http_errors(source, f"reading back the SEG of series {seg.series_key}"):
                 found = client.search_for_instances(
                     study_instance_uid=seg.study_uid, series_instance_uid=seg.series_uid
                 )

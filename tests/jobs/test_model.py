@@ -99,3 +99,27 @@ def test_init_weights_are_refused_naming_the_problem(tmp_path, change, message):
 def test_init_file_is_a_plain_name_in_the_model_store(name):
     with pytest.raises(JobSpecError, match=r"model\.init\.file"):
         tiny_spec(model={"init": {"file": name, "sha256": "0" * 64}})
+
+
+def test_a_model_mixing_batchnorm_and_another_unsupported_layer_reports_both():
+    """BatchNorm is named by its path; whatever else Opacus finds (here an LSTM, which needs
+    Opacus's DPLSTM) is kept in Opacus's words, not hidden behind the BatchNorm lines."""
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv3d(1, 2, 3),
+        nn.Sequential(nn.InstanceNorm3d(2, affine=True), nn.BatchNorm3d(2)),
+        nn.LSTM(4, 4),
+        nn.BatchNorm1d(4),
+    )
+    problems = dp_incompatibilities(model)
+
+    assert [p for p in problems if "BatchNorm" in p and "not supported with DP" in p] == [
+        "model.1.1: BatchNorm3d is not supported with DP (it mixes patients within a batch); "
+        "use norm: instance",
+        "model.3: BatchNorm1d is not supported with DP (it mixes patients within a batch); "
+        "use norm: instance",
+    ]
+    assert len(problems) == 3
+    assert problems[2].startswith("model: ") and "nn.LSTM" in problems[2]
+    assert dp_incompatibilities(nn.Sequential(nn.Conv3d(1, 2, 3), nn.InstanceNorm3d(2))) == []

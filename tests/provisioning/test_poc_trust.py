@@ -141,7 +141,7 @@ def hostile(poc, tmp_path_factory):
                     "path": "site_app.pacs_import.import_from_dicomweb",
                     "args": {
                         "source": {
-                            "path": "site_app.pacs_import.DicomwebSource",
+                            "path": "site_app.dicomweb_source.DicomwebSource",
                             "args": {
                                 "url": f"http://127.0.0.1:{listener.port}/dicom-web",
                                 "username": "x",

@@ -8,9 +8,9 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from jobs.model import build_network, freeze_untrainable, initial_weights, trainable_names
+from site_app.dp_samplers import wrap_private
 from site_app.local_job import LocalJob
 from site_app.policy import PrivacyPolicy
-from site_app.privacy import wrap_private
 from site_app.site_config import SiteConfig
 from site_app.training import average_crop_gradients, make_loss
 from tests.conftest import tiny_spec

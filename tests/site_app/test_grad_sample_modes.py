@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jobs.model import build_network
 from jobs.spec import PrivacySpec
-from site_app.privacy import GROUPED, wrap_private
+from site_app.dp_samplers import GROUPED, wrap_private
 from site_app.training import make_loss
 from tests.conftest import tiny_spec
 

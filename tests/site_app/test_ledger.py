@@ -3,8 +3,8 @@
 import base64
 import hashlib
 import json
+import multiprocessing
 import stat
-from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,13 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
-from site_app.ledger import (
-    EpsilonLedger,
-    LedgerEntry,
-    LedgerTampered,
-    generate_site_key,
-    ledger_table,
-)
+from fedseg.ledger_cli import ledger_table
+from site_app.ledger import EpsilonLedger, LedgerTampered, generate_site_key
+from site_app.ledger_format import LedgerEntry
 
 # (job, round, epsilon_after): job-a is entries 0-2, job-b entries 3-4.
 ROUNDS = [
@@ -310,6 +306,30 @@ def test_a_hand_reformatted_line_is_detected(ledger_path, key_path, filled):
     ]
 
 
+SCHEMA_EDITS = [
+    # (edit of entry 1's record, the problem it must give; the entry names job-a round 1)
+    (lambda r: r.pop("steps"), "missing field(s) steps"),
+    (lambda r: r.update(patient="x"), "unexpected field(s) patient; an entry carries only"),
+    (lambda r: r.update(epsilon_after=2), "epsilon_after: expected float, found int"),
+    (lambda r: r.update(steps="20"), "steps: expected int, found str"),
+    (lambda r: r.update(previous_hash="ABC"), "previous_hash: expected 64 lowercase hex digits"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), SCHEMA_EDITS)
+def test_an_entry_off_the_schema_is_named_with_its_field(
+    ledger_path, key_path, filled, edit, message
+):
+    lines = _lines(ledger_path)
+    record = json.loads(lines[1])
+    edit(record)
+    lines[1] = _canonical(record).decode()
+    _write_lines(ledger_path, lines)
+
+    problems = EpsilonLedger.open(path=ledger_path, key_path=key_path).verify()
+    assert f"entry 1 (line 2, job 'job-a', round 1): {message}" in "\n".join(problems), problems
+
+
 def test_a_forger_who_also_replaced_the_key_is_caught_only_by_a_pinned_public_key(
     ledger_path, key_path, filled
 ):
@@ -365,6 +385,44 @@ def test_append_rejects_invalid_values_naming_the_field(ledger_path, key_path, o
     assert not ledger_path.exists()
 
 
+def _append_in_a_process(ledger_path: Path, key_path: Path, job: str, rounds: int, start) -> None:
+    ledger = EpsilonLedger.open(path=ledger_path, key_path=key_path)
+    start.wait()
+    for round_ in range(rounds):
+        _record(ledger, job, round_, 0.1 * (round_ + 1))
+
+
+def test_appends_from_several_processes_at_once_lose_no_entry(ledger_path, key_path):
+    """Four site processes (e.g. two jobs, restarted) append five rounds each to one ledger at
+    the same moment: every entry is there once, each job's rounds in order, and the chain and
+    head verify (the append holds an exclusive flock on ledger.jsonl.lock)."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    jobs, rounds = [f"job-{i}" for i in range(4)], 5
+    processes = [
+        context.Process(
+            target=_append_in_a_process, args=(ledger_path, key_path, job, rounds, start)
+        )
+        for job in jobs
+    ]
+    for process in processes:
+        process.start()
+    start.set()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0] * len(jobs)
+
+    ledger = EpsilonLedger.open(path=ledger_path, key_path=key_path)
+    assert ledger.verify() == []
+    entries = ledger.entries()
+    assert len(entries) == len(jobs) * rounds == len(_lines(ledger_path))
+    for job in jobs:
+        assert [e.round for e in entries if e.job == job] == list(range(rounds))
+    assert json.loads(_head_path(ledger_path).read_text())["count"] == len(entries)
+    times = [datetime.fromisoformat(e.recorded_at) for e in entries]
+    assert times == sorted(times)  # stamped inside the lock
+
+
 def test_append_refuses_an_epsilon_lower_than_the_jobs_last(ledger_path, key_path, filled):
     ledger = EpsilonLedger.open(path=ledger_path, key_path=key_path)
     with pytest.raises(ValueError, match="record each run under its own job id"):
@@ -407,5 +465,5 @@ def test_entries_carry_only_accounting_fields_never_patient_data(ledger_path, fi
         "entry_hash",
         "signature",
     }
-    assert {f.name for f in fields(LedgerEntry)} == expected
+    assert set(LedgerEntry.model_fields) == expected
     assert all(set(json.loads(line)) == expected for line in _lines(ledger_path))

@@ -24,14 +24,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from site_app.pacs_import import (
-    DicomwebSource,
-    ImportLimits,
-    PacsImportError,
-    import_from_dicomweb,
-    is_dicom_uid,
-    journal_path,
-)
+from site_app.dicomweb_source import DicomwebSource, ImportLimits
+from site_app.pacs_errors import PacsImportError
+from site_app.pacs_import import import_from_dicomweb, journal_path
+from site_app.pacs_plan import is_dicom_uid
 
 STUDY, SERIES = "1.2.826.0.1.1", "1.2.826.0.1.1.2"
 BOUNDARY = "fedseg-hostile-boundary"
@@ -314,7 +310,7 @@ def test_limits_must_be_whole_numbers_of_at_least_one():
 
 def test_cli_limit_flags_reach_the_import_and_their_defaults_are_the_constants(tmp_path, capsys):
     from fedseg.cli import build_parser, main
-    from site_app import pacs_import
+    from site_app import dicomweb_source
 
     files = {f"{SERIES}.{k}": _part10(f"{SERIES}.{k}") for k in range(1, 6)}
     with hostile_pacs(_one_series(files)) as pacs:
@@ -327,5 +323,5 @@ def test_cli_limit_flags_reach_the_import_and_their_defaults_are_the_constants(t
         parser = commands.choices[name]
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
     defaults = ImportLimits()
-    for name, (flag, unit) in pacs_import.limit_flags().items():
+    for name, (flag, unit) in dicomweb_source.limit_flags().items():
         assert f"(default {getattr(defaults, name) // unit})" in helps[flag], flag

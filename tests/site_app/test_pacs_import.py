@@ -31,17 +31,11 @@ from pydicom import dcmread
 
 from fedseg.cli import main
 from simulator.synthetic_data import generate_federation_data
+from site_app.dicomweb_source import DicomwebSource, StudySelection
 from site_app.ingestion import ingest_site
-from site_app.pacs_import import (
-    PARTIAL_PREFIX,
-    DicomwebSource,
-    InstanceRef,
-    PacsImportError,
-    StudySelection,
-    import_from_dicomweb,
-    journal_path,
-    plan_fetches,
-)
+from site_app.pacs_errors import PacsImportError
+from site_app.pacs_import import PARTIAL_PREFIX, import_from_dicomweb, journal_path
+from site_app.pacs_plan import InstanceRef, plan_fetches
 
 USER = "fedseg-site"
 PASSWORD = "orthanc-test-password"

@@ -33,3 +33,47 @@ def test_the_private_folder_is_outside_the_workspace_by_default(tmp_path):
     private = site_private_dir(load_site_config(kit / "local" / "fedseg_site.yaml"), kit)
     assert private == tmp_path / "prod_00" / "site-1-private"
     assert not private.is_relative_to(kit)
+
+
+def test_the_ledger_and_key_named_relatively_land_beside_the_config_wherever_the_site_runs(
+    tmp_path, monkeypatch
+):
+    """The config is loaded by a relative path from one folder and used from another, as a
+    site process started by a script does: the ledger and its key stay under local/."""
+    from site_app.ledger import EpsilonLedger, generate_site_key
+
+    local = tmp_path / "kit" / "local"
+    local.mkdir(parents=True)
+    (local / "fedseg_site.yaml").write_text(
+        "data_dir: dicom\ncache_dir: cache\nledger: eps.jsonl\nsigning_key: site.pem\n"
+    )
+    monkeypatch.chdir(tmp_path / "kit")
+    config = load_site_config("local/fedseg_site.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    assert all(
+        path.is_absolute()
+        for path in (config.data_dir, config.cache_dir, config.ledger, config.signing_key)
+    )
+    generate_site_key(config.signing_key)
+    EpsilonLedger.open(path=config.ledger, key_path=config.signing_key).append(
+        job="job-a",
+        round=0,
+        steps=1,
+        sample_rate=0.5,
+        noise_multiplier=1.0,
+        accountant="rdp",
+        epsilon_after=0.5,
+        delta=1e-5,
+    )
+    assert sorted(p.name for p in local.iterdir()) == [
+        "eps.jsonl",
+        "eps.jsonl.head",
+        "eps.jsonl.lock",
+        "fedseg_site.yaml",
+        "site.pem",
+    ]
+    assert list(elsewhere.iterdir()) == []
+    assert config.cache_dir == (local / "cache").resolve()
