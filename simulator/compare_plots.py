@@ -8,11 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless
-
-import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
+from matplotlib.figure import Figure
 
 from simulator.compare_results import SweepPoint
 
@@ -25,7 +21,8 @@ def plot_privacy_utility(sweep: Sequence[SweepPoint], path: Path) -> Path | None
     off = [p for p in sweep if math.isinf(p.target_epsilon)]
     if not sweep:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.subplots()
     if finite:
         xs = [p.target_epsilon for p in finite]
         axes.plot(xs, [p.result.mean_dice or 0.0 for p in finite], marker="o", label="mean")
@@ -49,5 +46,4 @@ def plot_privacy_utility(sweep: Sequence[SweepPoint], path: Path) -> Path | None
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path

@@ -12,13 +12,9 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless
-
-import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -117,14 +113,8 @@ def _draw(
     k = middle_lesion_slice(truth)
     # Pixels are drawn at their true aspect: rows x cols spacing in mm.
     aspect = float(spacing_mm[0]) / float(spacing_mm[1])
-    figure, axes = plt.subplots(
-        1,
-        len(predictions),
-        figsize=(3.2 * len(predictions), 3.8),
-        dpi=100,
-        squeeze=False,
-        layout="constrained",
-    )
+    figure = Figure(figsize=(3.2 * len(predictions), 3.8), dpi=100, layout="constrained")
+    axes = figure.subplots(1, len(predictions), squeeze=False)
     for ax, (method, prediction) in zip(axes[0], predictions.items(), strict=True):
         ax.imshow(image[:, :, k], cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect)
         ax.contour(truth[:, :, k], levels=[0.5], colors=_TRUTH_COLOUR, linewidths=1.2)
@@ -139,7 +129,6 @@ def _draw(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 
