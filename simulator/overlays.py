@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from simulator.synthetic_data import MANIFEST_NAME
+from simulator.cohort_manifest import MANIFEST_NAME
 from site_app.dataset import PreparedPatient, PreparedVolume
 from site_app.evaluation import THRESHOLD, volume_scores
 
@@ -33,7 +33,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SIMULATOR_GENERATOR = "fedseg.simulator"  # manifest["generator"] of simulator.synthetic_data
+_SIMULATOR_GENERATOR = "fedseg.simulator"  # manifest["generator"] of simulator.cohort_manifest
 _TRUTH_COLOUR = "lime"
 _PREDICTION_COLOUR = "red"
 
