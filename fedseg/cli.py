@@ -171,13 +171,9 @@ def _simulate_run(args: argparse.Namespace) -> None:
 
 def _simulate_compare(args: argparse.Namespace) -> None:
     from jobs.spec import load_spec
-    from simulator.compare import (
-        CompareError,
-        comparison_table,
-        ratio_lines,
-        run_compare,
-        sweep_table,
-    )
+    from simulator.compare import run_compare
+    from simulator.compare_render import comparison_table, ratio_lines, sweep_table
+    from simulator.compare_specs import CompareError
 
     spec = load_spec(args.spec)
     console.print(
@@ -210,7 +206,7 @@ def _simulate_compare(args: argparse.Namespace) -> None:
 
 
 def _epsilon_list(text: str) -> tuple[float, ...]:
-    from simulator.compare import CompareError, parse_epsilons
+    from simulator.compare_specs import CompareError, parse_epsilons
 
     try:
         return parse_epsilons(text)

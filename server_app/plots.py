@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display at the aggregator or in CI
-
-import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
+from matplotlib.figure import Figure
 
 from server_app.history import RunHistory
 
@@ -19,11 +15,10 @@ __all__ = ["plot_dice", "plot_epsilon", "plot_subgroups"]
 _PNG_METADATA = {"Software": None}  # keep the bytes independent of the matplotlib version
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, metadata=_PNG_METADATA)
-    plt.close(figure)
     return path
 
 
@@ -43,7 +38,8 @@ def plot_epsilon(history: RunHistory, path: Path) -> Path | None:
             series[site] = points
     if not series:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.subplots()
     for site, points in series.items():
         rounds = [p[0] for p in points]
         axes.plot(rounds, [p[1] for p in points], marker="o", label=site)
@@ -76,7 +72,8 @@ def plot_dice(history: RunHistory, path: Path) -> Path | None:
             series[site] = points
     if not series:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.subplots()
     for site, points in series.items():
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
     axes.set_xlabel("global model after round (0 = untrained)")
@@ -100,9 +97,8 @@ def plot_subgroups(subgroups: dict, path: Path) -> Path | None:
     if not panels or not pooled:
         return None
     marker = f"<{subgroups['min_cell_size']}"
-    figure, axes = plt.subplots(
-        1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=100, squeeze=False
-    )
+    figure = Figure(figsize=(3.2 * len(panels), 3.6), dpi=100)
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for ax, (attribute, values) in zip(axes[0], panels.items(), strict=True):
         heights = [
             pooled[(attribute, v)]["dice"] if (attribute, v) in pooled else 0 for v in values

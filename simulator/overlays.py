@@ -12,17 +12,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless
-
-import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from simulator.synthetic_data import MANIFEST_NAME
+from simulator.cohort_manifest import MANIFEST_NAME
 from site_app.dataset import PreparedPatient, PreparedVolume
 from site_app.evaluation import THRESHOLD, volume_scores
 
@@ -37,7 +33,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SIMULATOR_GENERATOR = "fedseg.simulator"  # manifest["generator"] of simulator.synthetic_data
+_SIMULATOR_GENERATOR = "fedseg.simulator"  # manifest["generator"] of simulator.cohort_manifest
 _TRUTH_COLOUR = "lime"
 _PREDICTION_COLOUR = "red"
 
@@ -117,14 +113,8 @@ def _draw(
     k = middle_lesion_slice(truth)
     # Pixels are drawn at their true aspect: rows x cols spacing in mm.
     aspect = float(spacing_mm[0]) / float(spacing_mm[1])
-    figure, axes = plt.subplots(
-        1,
-        len(predictions),
-        figsize=(3.2 * len(predictions), 3.8),
-        dpi=100,
-        squeeze=False,
-        layout="constrained",
-    )
+    figure = Figure(figsize=(3.2 * len(predictions), 3.8), dpi=100, layout="constrained")
+    axes = figure.subplots(1, len(predictions), squeeze=False)
     for ax, (method, prediction) in zip(axes[0], predictions.items(), strict=True):
         ax.imshow(image[:, :, k], cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect)
         ax.contour(truth[:, :, k], levels=[0.5], colors=_TRUTH_COLOUR, linewidths=1.2)
@@ -139,7 +129,6 @@ def _draw(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 

@@ -17,61 +17,47 @@ Storage file, and every SEG a real highdicom SEG with one frame per slice.
 
 Speed. Patients are written by a pool of processes (one per CPU; `workers`), each patient from
 its own seeded generator, so the bytes do not depend on the number of workers or the order in
-which they finish. Slices of one series share one encoded template (`dicom_writer`). The SEG,
-built by highdicom, is then most of the time: about 1.5 ms per frame.
+which they finish. Slices of one series share one encoded template (`dicom_slice_encoder`).
+The SEG, built by highdicom, is then most of the time: about 1.5 ms per frame.
+
+This module lays cohorts out (sites, case numbers, generator streams) and summarises them;
+beside it: `cohort_manifest` (parameters, summaries, manifest.json), `patients` (identities and
+visits), `case_writer` (one case folder, good or broken), `case_workers` (the process pool),
+`site_profiles`, `phantom`, `broken_inputs` and `dicom_writer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import logging
-import multiprocessing
-import os
-import signal
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from simulator.broken_inputs import (
-    BrokenInput,
-    ExpectedReason,
-    drop_middle_slice,
-    t1_signal,
-    write_non_dicom_file,
-    write_truncated_copy,
+from simulator.broken_inputs import BrokenInput
+from simulator.case_workers import write_cases
+from simulator.case_writer import CaseJob, CaseKind, write_stray_files
+from simulator.cohort_manifest import (
+    PUBLIC_FOLDER,
+    CaseSummary,
+    Cohort,
+    FederationDataSummary,
+    GenerationParameters,
+    PublicCentreSummary,
+    PublicCohortParameters,
+    PublicCohortSummary,
+    SiteSummary,
+    by_case,
+    existing_manifest,
+    write_manifest,
 )
-from simulator.dicom_writer import (
-    CtAcquisition,
-    Equipment,
-    ImageSeries,
-    PatientIdentity,
-    SeriesGeometry,
-    Study,
-    WrittenSeries,
-    deterministic_uid,
-    write_ct_series,
-    write_lesion_seg,
-    write_mr_series,
-)
-from simulator.phantom import Phantom, PhantomSpec, draw_lesion_count, make_phantom
-from simulator.site_profiles import SiteProfile, public_profiles, site_profiles, slice_count
-from site_app.dicom_series import series_key  # the key the site's quarantine uses, so both compare
+from simulator.patients import IdentityFactory, new_visit, synthetic_identity
+from simulator.site_profiles import SiteProfile, public_profiles, site_profiles
+
+__all__ = ["generate_federation_data", "generate_public_cohort", "write_federation"]
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-# 2: slices cover a fixed 200 mm (fewer files), thinnest slices 1.5 mm, the public cohort.
-MANIFEST_SCHEMA_VERSION = 2
-PUBLIC_FOLDER = "public"
-"""Folder of the public cohort inside its output folder (sites are `site-K`)."""
 
 # Generator stream ids (site_profiles uses 0, 1 and 4): every patient, site layout and public
 # patient draws from its own stream, so no two of them can share data.
@@ -79,283 +65,6 @@ _PATIENT_STREAM = 2
 _SITE_LAYOUT_STREAM = 3
 _PUBLIC_PATIENT_STREAM = 5
 _PUBLIC_LAYOUT_STREAM = 6
-# A worker process costs about a second to start (imports, highdicom's tables of the standard),
-# the work of some 8 patients: fewer patients than this per worker are written in-process.
-_PATIENTS_PER_WORKER = 16
-_MR_SLICE_THICKNESS_MM = 6.0
-_CT_SERIES_NUMBER = 2
-_MR_SERIES_NUMBER = 5
-_FIRST_STUDY_DATE = datetime.date(2018, 1, 1)
-_STUDY_DATE_SPAN_DAYS = 6 * 365
-
-_FAMILY_NAMES = (
-    "SMITH",
-    "MUELLER",
-    "ROSSI",
-    "GARCIA",
-    "DUBOIS",
-    "JANSEN",
-    "NOWAK",
-    "SILVA",
-    "KOWALSKI",
-    "NIELSEN",
-    "MURPHY",
-    "ANDERSSON",
-    "HOFFMANN",
-    "MORENO",
-    "BERGER",
-    "LAURENT",
-    "KING",
-    "WEBER",
-)
-_GIVEN_NAMES = {
-    "F": ("ANNA", "MARIA", "SOFIA", "EMMA", "CLARA", "LEA", "NORA", "EVA", "IDA", "JULIA"),
-    "M": ("JOHN", "LUCA", "JAN", "PAUL", "DAVID", "TOMAS", "ERIK", "LEON", "MARC", "HUGO"),
-}
-
-
-class OutputFolderNotEmptyError(FileExistsError):
-    """The output folder holds something other than this exact synthetic federation."""
-
-
-class Cohort(StrEnum):
-    """What a folder written by this module holds (`cohort` in its manifest)."""
-
-    FEDERATION = "federation"
-    """`site-K` folders of hospitals, each with broken inputs: what `fedseg simulate run` reads."""
-    PUBLIC = "public"
-    """One `public/` folder standing for public data, for pretraining without DP."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerationParameters:
-    """What determines the generated bytes of a federation."""
-
-    sites: int
-    patients_per_site: int
-    seed: int
-    matrix: int
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.sites < 1:
-            problems.append(f"sites: expected an int >= 1, got {self.sites}")
-        if self.patients_per_site < 2:
-            problems.append(
-                f"patients_per_site: expected an int >= 2 (broken inputs are copied from good "
-                f"patients), got {self.patients_per_site}"
-            )
-        problems += _seed_and_matrix_problems(seed=self.seed, matrix=self.matrix)
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-@dataclass(frozen=True, kw_only=True)
-class PublicCohortParameters:
-    """What determines the generated bytes of a public cohort."""
-
-    patients: int
-    seed: int
-    matrix: int
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.patients < 1:
-            problems.append(f"patients: expected an int >= 1, got {self.patients}")
-        problems += _seed_and_matrix_problems(seed=self.seed, matrix=self.matrix)
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-def _seed_and_matrix_problems(*, seed: int, matrix: int) -> list[str]:
-    problems = []
-    if seed < 0:
-        problems.append(f"seed: expected an int >= 0, got {seed}")
-    if matrix < 16:
-        problems.append(f"matrix: expected an int >= 16 (the demo uses 64), got {matrix}")
-    return problems
-
-
-@dataclass(frozen=True, kw_only=True)
-class CaseSummary:
-    """One good patient: a complete CT series with its lesion SEG.
-
-    Attributes:
-        case: case folder name, `case-NNN`.
-        ct_series: CT folder, relative to the federation folder.
-        seg: SEG file, relative to the federation folder.
-        series_key: `series_key` of the CT series.
-        slices: CT slices written.
-        lesion_count: lesions placed (0 = the SEG is empty).
-        lesion_voxels: voxels labelled lesion.
-    """
-
-    case: str
-    ct_series: str
-    seg: str
-    series_key: str
-    slices: int
-    lesion_count: int
-    lesion_voxels: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class SiteSummary:
-    """What was written for one site, and how that site's scanner and population look."""
-
-    name: str
-    manufacturer: str
-    model_name: str
-    transfer_syntax_uid: str
-    rescale: str
-    pixel_spacing_mm: float
-    slice_thickness_mm: float
-    slices_per_series: int
-    noise_sigma_hu: float
-    intensity_offset_hu: float
-    lesion_prevalence: float
-    good_patients: int
-    patients_written: int
-    files_written: int
-    cases: tuple[CaseSummary, ...]
-    broken_inputs: tuple[BrokenInput, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class FederationDataSummary:
-    """What `generate_federation_data` wrote; `manifest.json` in `out_dir` holds the same."""
-
-    out_dir: Path
-    parameters: GenerationParameters
-    sites: tuple[SiteSummary, ...]
-
-    @property
-    def broken_inputs(self) -> tuple[BrokenInput, ...]:
-        """Broken inputs of all sites, paths relative to `out_dir`."""
-        return tuple(item for site in self.sites for item in site.broken_inputs)
-
-    def to_manifest(self) -> dict[str, Any]:
-        """JSON-ready manifest: relative paths, case folders and series hashes only, no PHI."""
-        return {
-            **_manifest_header(Cohort.FEDERATION),
-            "parameters": dataclasses.asdict(self.parameters),
-            "sites": [dataclasses.asdict(site) for site in self.sites],
-        }
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], *, out_dir: Path) -> FederationDataSummary:
-        """Rebuild the summary from a manifest written by `to_manifest`."""
-        sites = []
-        for site in manifest["sites"]:
-            fields = dict(site)
-            fields["cases"] = tuple(CaseSummary(**case) for case in site["cases"])
-            fields["broken_inputs"] = tuple(
-                BrokenInput(**{**item, "expected_reason": ExpectedReason(item["expected_reason"])})
-                for item in site["broken_inputs"]
-            )
-            sites.append(SiteSummary(**fields))
-        return cls(
-            out_dir=out_dir,
-            parameters=GenerationParameters(**manifest["parameters"]),
-            sites=tuple(sites),
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class PublicCentreSummary:
-    """One contributing centre of the public cohort: its full profile and the cases it gave."""
-
-    profile: SiteProfile
-    cases: tuple[CaseSummary, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PublicCohortSummary:
-    """What `generate_public_cohort` wrote; `manifest.json` in `out_dir` holds the same.
-
-    Attributes:
-        out_dir: the output folder; the cohort is in `out_dir / PUBLIC_FOLDER`.
-        parameters: what determined the bytes.
-        centres: the centres whose patients the cohort mixes, as a multi-centre challenge does.
-        files_written: files in the cohort folder (CT slices and SEGs).
-    """
-
-    out_dir: Path
-    parameters: PublicCohortParameters
-    centres: tuple[PublicCentreSummary, ...]
-    files_written: int
-
-    @property
-    def folder(self) -> Path:
-        """The cohort folder: point ingestion (`site_app.ingestion.ingest_site`) here."""
-        return self.out_dir / PUBLIC_FOLDER
-
-    @property
-    def cases(self) -> tuple[CaseSummary, ...]:
-        """Every case of every centre, by case folder."""
-        return tuple(sorted((c for centre in self.centres for c in centre.cases), key=_by_case))
-
-    def to_manifest(self) -> dict[str, Any]:
-        """JSON-ready manifest: relative paths, case folders and series hashes only, no PHI."""
-        return {
-            **_manifest_header(Cohort.PUBLIC),
-            "parameters": dataclasses.asdict(self.parameters),
-            "folder": PUBLIC_FOLDER,
-            "files_written": self.files_written,
-            "centres": [dataclasses.asdict(centre) for centre in self.centres],
-        }
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], *, out_dir: Path) -> PublicCohortSummary:
-        """Rebuild the summary from a manifest written by `to_manifest`."""
-        return cls(
-            out_dir=out_dir,
-            parameters=PublicCohortParameters(**manifest["parameters"]),
-            centres=tuple(
-                PublicCentreSummary(
-                    profile=SiteProfile.from_record(centre["profile"]),
-                    cases=tuple(CaseSummary(**case) for case in centre["cases"]),
-                )
-                for centre in manifest["centres"]
-            ),
-            files_written=manifest["files_written"],
-        )
-
-
-def _manifest_header(cohort: Cohort) -> dict[str, Any]:
-    return {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "generator": "fedseg.simulator",
-        "cohort": str(cohort),
-        "series_key": '"s-" + first 12 hex digits of sha256(SeriesInstanceUID)',
-    }
-
-
-class IdentityFactory(Protocol):
-    """Makes the synthetic identity of one patient of `site`, examined on `study_date`."""
-
-    def __call__(
-        self, *, rng: np.random.Generator, site: SiteProfile, study_date: datetime.date
-    ) -> PatientIdentity: ...
-
-
-def synthetic_identity(
-    *, rng: np.random.Generator, site: SiteProfile, study_date: datetime.date
-) -> PatientIdentity:
-    """A fake patient drawn from the site's sex and age mix, with a consistent birth date."""
-    sex = "F" if rng.random() < site.female_fraction else "M"
-    age = int(rng.integers(site.age_range_years[0], site.age_range_years[1] + 1))
-    anniversary = _years_before(study_date, age)
-    birth_date = anniversary - datetime.timedelta(days=int(rng.integers(1, 360)))
-    family = _FAMILY_NAMES[int(rng.integers(len(_FAMILY_NAMES)))]
-    given = _GIVEN_NAMES[sex][int(rng.integers(len(_GIVEN_NAMES[sex])))]
-    return PatientIdentity(
-        name=f"{family}^{given}",
-        patient_id=f"H{site.index + 1}{int(rng.integers(10**6, 10**7))}",
-        birth_date=birth_date,
-        sex=sex,
-        age_years=_age_on(birth_date, study_date),
-    )
 
 
 def generate_federation_data(
@@ -411,7 +120,7 @@ def write_federation(
     only the writing of the files goes to the worker processes.
     """
     out_dir = Path(out_dir)
-    manifest = _existing_manifest(out_dir, Cohort.FEDERATION, dataclasses.asdict(parameters))
+    manifest = existing_manifest(out_dir, Cohort.FEDERATION, dataclasses.asdict(parameters))
     if manifest is not None:
         logger.info("%s already holds this synthetic federation; not regenerating", out_dir)
         return FederationDataSummary.from_manifest(manifest, out_dir=out_dir)
@@ -424,15 +133,15 @@ def write_federation(
         # Broken patients get case numbers among the good ones, as they would in a real export.
         case_numbers = [int(n) + 1 for n in layout_rng.permutation(good + 2)]
         layouts[profile.name] = layout_rng
-        kinds = [_CaseKind.GOOD] * good + [_CaseKind.MISSING_SLICE, _CaseKind.WRONG_MODALITY]
+        kinds = [CaseKind.GOOD] * good + [CaseKind.MISSING_SLICE, CaseKind.WRONG_MODALITY]
         for ordinal, kind in enumerate(kinds):
             rng = np.random.default_rng([parameters.seed, _PATIENT_STREAM, profile.index, ordinal])
             uid_key = ("seed", parameters.seed, "matrix", parameters.matrix, profile.name, ordinal)
             case_dir = out_dir / profile.name / f"case-{case_numbers[ordinal]:03d}"
             jobs.append(
-                _CaseJob(
+                CaseJob(
                     kind=kind,
-                    visit=_new_patient(
+                    visit=new_visit(
                         rng=rng, profile=profile, uid_key=uid_key, identity_factory=identity_factory
                     ),
                     profile=profile,
@@ -440,14 +149,14 @@ def write_federation(
                     out_dir=out_dir,
                 )
             )
-    written = _write_cases(jobs, workers=workers, progress=progress)
+    written = write_cases(jobs, workers=workers, progress=progress)
 
     summaries = []
     for profile in profiles:
         results = [w for job, w in zip(jobs, written, strict=True) if job.profile is profile]
         goods = [w for w in results if w.case is not None]
         broken = [item for w in results for item in w.broken]
-        broken += _write_stray_files(
+        broken += write_stray_files(
             good_slices=[w.slice_paths for w in goods],
             cases=[w.case for w in goods],
             rng=layouts[profile.name],
@@ -463,7 +172,7 @@ def write_federation(
             )
         )
     summary = FederationDataSummary(out_dir=out_dir, parameters=parameters, sites=tuple(summaries))
-    _write_manifest(out_dir, summary.to_manifest())
+    write_manifest(out_dir, summary.to_manifest())
     logger.info(
         "wrote %d sites, %d files, to %s",
         len(summaries),
@@ -506,7 +215,7 @@ def generate_public_cohort(
     """
     parameters = PublicCohortParameters(patients=patients, seed=seed, matrix=matrix)
     out_dir = Path(out_dir)
-    manifest = _existing_manifest(out_dir, Cohort.PUBLIC, dataclasses.asdict(parameters))
+    manifest = existing_manifest(out_dir, Cohort.PUBLIC, dataclasses.asdict(parameters))
     if manifest is not None:
         logger.info("%s already holds this public cohort; not regenerating", out_dir)
         return PublicCohortSummary.from_manifest(manifest, out_dir=out_dir)
@@ -520,9 +229,9 @@ def generate_public_cohort(
         rng = np.random.default_rng([seed, _PUBLIC_PATIENT_STREAM, ordinal])
         uid_key = (PUBLIC_FOLDER, "seed", seed, "matrix", matrix, ordinal)
         jobs.append(
-            _CaseJob(
-                kind=_CaseKind.GOOD,
-                visit=_new_patient(
+            CaseJob(
+                kind=CaseKind.GOOD,
+                visit=new_visit(
                     rng=rng, profile=profile, uid_key=uid_key, identity_factory=synthetic_identity
                 ),
                 profile=profile,
@@ -530,7 +239,7 @@ def generate_public_cohort(
                 out_dir=out_dir,
             )
         )
-    written = _write_cases(jobs, workers=workers, progress=progress)
+    written = write_cases(jobs, workers=workers, progress=progress)
     centres = tuple(
         PublicCentreSummary(
             profile=profile,
@@ -541,7 +250,7 @@ def generate_public_cohort(
                         for job, w in zip(jobs, written, strict=True)
                         if job.profile is profile
                     ),
-                    key=_by_case,
+                    key=by_case,
                 )
             ),
         )
@@ -553,187 +262,9 @@ def generate_public_cohort(
         centres=centres,
         files_written=_count_files(out_dir / PUBLIC_FOLDER),
     )
-    _write_manifest(out_dir, summary.to_manifest())
+    write_manifest(out_dir, summary.to_manifest())
     logger.info("wrote a public cohort of %d patients to %s", patients, summary.folder)
     return summary
-
-
-def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    # Written last and atomically, so an interrupted run never looks like a finished one.
-    partial = out_dir / f".{MANIFEST_NAME}.partial"
-    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    partial.replace(out_dir / MANIFEST_NAME)
-
-
-def _existing_manifest(
-    out_dir: Path, cohort: Cohort, parameters: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """The manifest if `out_dir` already holds this cohort; None if it is empty or missing."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputFolderNotEmptyError(
-            f"{out_dir}: expected a folder for the synthetic data, found a file; "
-            "choose another --out"
-        )
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return None
-    manifest_path = out_dir / MANIFEST_NAME
-    manifest = None
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            manifest = None
-    if isinstance(manifest, dict) and manifest.get("generator") == "fedseg.simulator":
-        version = manifest.get("schema_version")
-        found = manifest.get("cohort", str(Cohort.FEDERATION))
-        if version != MANIFEST_SCHEMA_VERSION:
-            raise OutputFolderNotEmptyError(
-                f"{out_dir}: holds synthetic data of another simulator version (manifest "
-                f"schema {version}, this one writes {MANIFEST_SCHEMA_VERSION}); delete the folder "
-                "or choose an empty --out folder"
-            )
-        if found != cohort:
-            raise OutputFolderNotEmptyError(
-                f"{out_dir}: holds a synthetic {found} cohort, but a {cohort} cohort was asked "
-                "for; choose an empty --out folder"
-            )
-        if manifest.get("parameters") == dict(parameters):
-            return manifest
-        raise OutputFolderNotEmptyError(
-            f"{out_dir}: holds synthetic data generated with {manifest.get('parameters')}, "
-            f"but {dict(parameters)} was asked for; choose an empty --out folder or delete this "
-            "one"
-        )
-    entries = sorted(entry.name for entry in out_dir.iterdir())
-    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-    raise OutputFolderNotEmptyError(
-        f"{out_dir}: expected an empty folder for the synthetic data, found {len(entries)} "
-        f"entries ({shown}) and no matching {MANIFEST_NAME}; choose an empty --out folder "
-        "(nothing was written)"
-    )
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Patient:
-    """One synthetic patient visit: its generator, identity and study."""
-
-    rng: np.random.Generator
-    identity: PatientIdentity
-    study: Study
-    uid_key: tuple[object, ...]
-
-
-class _CaseKind(StrEnum):
-    """What one patient's case folder holds."""
-
-    GOOD = "good"
-    """A CT series with its lesion SEG."""
-    MISSING_SLICE = "missing_slice"
-    """A CT series that lost its middle slice, with a SEG still referencing all of it."""
-    WRONG_MODALITY = "wrong_modality"
-    """An MR series swept up with the CT studies."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class _CaseJob:
-    """One patient's case folder to write: all a worker process needs (it pickles)."""
-
-    kind: _CaseKind
-    visit: _Patient
-    profile: SiteProfile
-    case_dir: Path
-    out_dir: Path
-
-
-@dataclass(frozen=True, kw_only=True)
-class _CaseWritten:
-    """What a worker wrote for one `_CaseJob`."""
-
-    case: CaseSummary | None
-    """The good patient's summary; None for a broken one."""
-    slice_paths: tuple[Path, ...] = ()
-    """The CT slice files of a good patient."""
-    broken: tuple[BrokenInput, ...] = ()
-
-
-def _write_cases(
-    jobs: Sequence[_CaseJob], *, workers: int | None, progress: bool
-) -> list[_CaseWritten]:
-    """Write every job, in worker processes when there are enough; results in job order."""
-    count = _worker_count(workers, len(jobs))
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    description = f"synthetic patients ({count} worker{'s' if count > 1 else ''})"
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task(description, total=len(jobs))
-        if count == 1:
-            written = []
-            for job in jobs:
-                written.append(_write_case(job))
-                bar.advance(task)
-            return written
-        # spawn, not fork: the caller may hold threads (rich's, torch's) that fork would copy
-        # in whatever state they are in.
-        context = multiprocessing.get_context("spawn")
-        # Workers ignore Ctrl-C: this process stops them, after their current patient.
-        ignore_interrupt = (signal.SIGINT, signal.SIG_IGN)
-        with ProcessPoolExecutor(
-            max_workers=count,
-            mp_context=context,
-            initializer=signal.signal,
-            initargs=ignore_interrupt,
-        ) as pool:
-            futures = [pool.submit(_write_case, job) for job in jobs]
-            try:
-                for future in as_completed(futures):
-                    future.result()  # the first failure stops the run
-                    bar.advance(task)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            return [future.result() for future in futures]
-
-
-def _worker_count(requested: int | None, jobs: int) -> int:
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"workers: expected an int >= 1, got {requested}")
-        return max(1, min(requested, jobs))
-    available = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    return max(1, min(available, jobs // _PATIENTS_PER_WORKER))
-
-
-def _write_case(job: _CaseJob) -> _CaseWritten:
-    """One patient's case folder; runs in a worker process."""
-    if job.kind is _CaseKind.MISSING_SLICE:
-        broken = _write_missing_slice_case(
-            visit=job.visit, profile=job.profile, case_dir=job.case_dir, out_dir=job.out_dir
-        )
-        return _CaseWritten(case=None, broken=tuple(broken))
-    if job.kind is _CaseKind.WRONG_MODALITY:
-        broken = _write_wrong_modality_case(
-            visit=job.visit, profile=job.profile, case_dir=job.case_dir, out_dir=job.out_dir
-        )
-        return _CaseWritten(case=None, broken=tuple(broken))
-    phantom, ct, seg_path = _write_ct_case(
-        visit=job.visit, profile=job.profile, case_dir=job.case_dir
-    )
-    case = CaseSummary(
-        case=job.case_dir.name,
-        ct_series=_relative(job.case_dir / "CT", job.out_dir),
-        seg=_relative(seg_path, job.out_dir),
-        series_key=series_key(ct.datasets[0].SeriesInstanceUID),
-        slices=len(ct.paths),
-        lesion_count=phantom.lesion_count,
-        lesion_voxels=int(phantom.lesion_mask.sum()),
-    )
-    return _CaseWritten(case=case, slice_paths=ct.paths)
 
 
 def _site_summary(
@@ -759,240 +290,10 @@ def _site_summary(
         good_patients=len(cases),
         patients_written=patients_written,
         files_written=_count_files(site_dir),
-        cases=tuple(sorted(cases, key=_by_case)),
+        cases=tuple(sorted(cases, key=by_case)),
         broken_inputs=tuple(sorted(broken, key=lambda item: item.path)),
     )
 
 
 def _count_files(folder: Path) -> int:
     return sum(1 for path in folder.rglob("*") if path.is_file())
-
-
-def _by_case(case: CaseSummary) -> str:
-    return case.case
-
-
-def _write_missing_slice_case(
-    *, visit: _Patient, profile: SiteProfile, case_dir: Path, out_dir: Path
-) -> list[BrokenInput]:
-    """A CT series that lost its middle slice, with a SEG still referencing the full series."""
-    _, series, seg_path = _write_ct_case(visit=visit, profile=profile, case_dir=case_dir)
-    lost = drop_middle_slice(series)
-    digest = series_key(series.datasets[0].SeriesInstanceUID)
-    return [
-        BrokenInput(
-            path=_relative(case_dir / "CT", out_dir),
-            expected_reason=ExpectedReason.MISSING_SLICES,
-            series_key=digest,
-            description=f"CT series without its middle slice ({lost.name})",
-        ),
-        BrokenInput(
-            path=_relative(seg_path, out_dir),
-            expected_reason=ExpectedReason.LABEL_WITHOUT_SERIES,
-            series_key=digest,
-            description="SEG referencing the CT series that has a missing slice",
-        ),
-    ]
-
-
-def _write_wrong_modality_case(
-    *, visit: _Patient, profile: SiteProfile, case_dir: Path, out_dir: Path
-) -> list[BrokenInput]:
-    """An MR series in `case-NNN/MR/`, with no SEG: an export that swept up the wrong study."""
-    mr = _write_mr_case(visit=visit, profile=profile, case_dir=case_dir)
-    return [
-        BrokenInput(
-            path=_relative(case_dir / "MR", out_dir),
-            expected_reason=ExpectedReason.UNSUPPORTED_MODALITY,
-            series_key=series_key(mr.datasets[0].SeriesInstanceUID),
-            description="MR Image Storage series (Modality MR) in a CT-only federation",
-        )
-    ]
-
-
-def _write_stray_files(
-    *,
-    good_slices: Sequence[tuple[Path, ...]],
-    cases: Sequence[CaseSummary],
-    rng: np.random.Generator,
-    out_dir: Path,
-) -> list[BrokenInput]:
-    """A truncated slice copy and a non-DICOM file, each inside a different good CT folder.
-
-    `good_slices[i]` are the slice files of `cases[i]`; both series stay complete.
-    """
-    truncated_case, notes_case = (int(i) for i in rng.choice(len(cases), size=2, replace=False))
-    slices = good_slices[truncated_case]
-    source = slices[int(rng.integers(1, len(slices) - 1))]
-    truncated = source.with_name(f"{source.stem}-copy.dcm")
-    write_truncated_copy(source=source, destination=truncated)
-    stray = good_slices[notes_case][0].parent / "notes.dcm"
-    stray_kind = write_non_dicom_file(destination=stray, rng=rng)
-    return [
-        BrokenInput(
-            path=_relative(truncated, out_dir),
-            expected_reason=ExpectedReason.TRUNCATED,
-            series_key=cases[truncated_case].series_key,
-            description=f"first half of the bytes of {source.name}, as after a cut transfer",
-        ),
-        BrokenInput(
-            path=_relative(stray, out_dir),
-            expected_reason=ExpectedReason.NOT_DICOM,
-            series_key=None,
-            description=f"{stray_kind} saved with a .dcm name",
-        ),
-    ]
-
-
-def _new_patient(
-    *,
-    rng: np.random.Generator,
-    profile: SiteProfile,
-    uid_key: tuple[object, ...],
-    identity_factory: IdentityFactory,
-) -> _Patient:
-    """Draw the visit's date, identity and study from `rng`, which the case writer goes on with."""
-    study_date = _FIRST_STUDY_DATE + datetime.timedelta(
-        days=int(rng.integers(_STUDY_DATE_SPAN_DAYS))
-    )
-    study_time = datetime.time(
-        hour=int(rng.integers(7, 19)), minute=int(rng.integers(60)), second=int(rng.integers(60))
-    )
-    identity = identity_factory(rng=rng, site=profile, study_date=study_date)
-    study = Study(
-        study_uid=deterministic_uid(*uid_key, "study"),
-        frame_of_reference_uid=deterministic_uid(*uid_key, "frame-of-reference"),
-        date=study_date,
-        time=study_time,
-        accession_number=f"A{int(rng.integers(10**8, 10**9))}",
-        study_id=str(int(rng.integers(1, 10**5))),
-    )
-    return _Patient(rng=rng, identity=identity, study=study, uid_key=uid_key)
-
-
-def _write_ct_case(
-    *, visit: _Patient, profile: SiteProfile, case_dir: Path
-) -> tuple[Phantom, WrittenSeries, Path]:
-    """Phantom, CT series and lesion SEG of one patient; returns the SEG path last."""
-    rng = visit.rng
-    lesion_count = draw_lesion_count(
-        prevalence=profile.lesion_prevalence, max_lesions=profile.max_lesions, rng=rng
-    )
-    contrast = rng.uniform(*profile.lesion_contrast_hu)
-    if rng.random() < profile.hypodense_fraction:
-        contrast = -contrast
-    spec = PhantomSpec(
-        rows=profile.matrix,
-        cols=profile.matrix,
-        slices=profile.slices,
-        pixel_spacing_mm=profile.pixel_spacing_mm,
-        slice_spacing_mm=profile.slice_thickness_mm,
-        noise_sigma_hu=profile.noise_sigma_hu,
-        intensity_offset_hu=profile.intensity_offset_hu,
-        lesion_count=lesion_count,
-        lesion_radius_mm=profile.lesion_radius_mm,
-        lesion_contrast_hu=float(contrast),
-    )
-    phantom = make_phantom(spec, rng=rng)
-    series = ImageSeries(
-        patient=visit.identity,
-        study=visit.study,
-        equipment=Equipment(
-            manufacturer=profile.scanner.manufacturer,
-            model_name=profile.scanner.model_name,
-            institution_name=profile.institution_name,
-        ),
-        geometry=SeriesGeometry.centred(
-            shape=spec.shape,
-            pixel_spacing_mm=profile.pixel_spacing_mm,
-            slice_thickness_mm=profile.slice_thickness_mm,
-            table_z_mm=_table_position_mm(rng),
-        ),
-        series_uid=deterministic_uid(*visit.uid_key, "ct-series"),
-        series_number=_CT_SERIES_NUMBER,
-        description=f"ABDOMEN PORTAL {profile.slice_thickness_mm:g}mm",
-        transfer_syntax_uid=profile.transfer_syntax_uid,
-    )
-    ct = write_ct_series(
-        hu=phantom.hu,
-        series=series,
-        acquisition=CtAcquisition(kvp=profile.scanner.kvp, rescale=profile.scanner.rescale),
-        out_dir=case_dir / "CT",
-    )
-    annotated = datetime.datetime.combine(
-        visit.study.date + datetime.timedelta(days=int(rng.integers(1, 15))),
-        datetime.time(hour=int(rng.integers(8, 18)), minute=int(rng.integers(60))),
-    )
-    seg_path = case_dir / "SEG" / "seg.dcm"
-    write_lesion_seg(
-        mask=phantom.lesion_mask,
-        source_images=ct.datasets,
-        series_uid=deterministic_uid(*visit.uid_key, "seg-series"),
-        content_datetime=annotated,
-        out_path=seg_path,
-    )
-    return phantom, ct, seg_path
-
-
-def _write_mr_case(*, visit: _Patient, profile: SiteProfile, case_dir: Path) -> WrittenSeries:
-    """A T1 MR series of the same anatomy, as exported by mistake with the CT studies."""
-    rng = visit.rng
-    slices = slice_count(matrix=profile.matrix, slice_thickness_mm=_MR_SLICE_THICKNESS_MM)
-    spec = PhantomSpec(
-        rows=profile.matrix,
-        cols=profile.matrix,
-        slices=slices,
-        pixel_spacing_mm=profile.pixel_spacing_mm,
-        slice_spacing_mm=_MR_SLICE_THICKNESS_MM,
-        lesion_count=draw_lesion_count(
-            prevalence=profile.lesion_prevalence, max_lesions=profile.max_lesions, rng=rng
-        ),
-        lesion_radius_mm=profile.lesion_radius_mm,
-    )
-    phantom = make_phantom(spec, rng=rng)
-    study = dataclasses.replace(visit.study, description="MR ABDOMEN")
-    series = ImageSeries(
-        patient=visit.identity,
-        study=study,
-        equipment=Equipment(
-            manufacturer=profile.scanner.manufacturer,
-            model_name=profile.scanner.mr_model_name,
-            institution_name=profile.institution_name,
-        ),
-        geometry=SeriesGeometry.centred(
-            shape=spec.shape,
-            pixel_spacing_mm=profile.pixel_spacing_mm,
-            slice_thickness_mm=_MR_SLICE_THICKNESS_MM,
-            table_z_mm=_table_position_mm(rng),
-        ),
-        series_uid=deterministic_uid(*visit.uid_key, "mr-series"),
-        series_number=_MR_SERIES_NUMBER,
-        description="AX T1 GRE",
-        transfer_syntax_uid=profile.transfer_syntax_uid,
-    )
-    return write_mr_series(
-        intensity=t1_signal(phantom, noise_sigma=25.0, rng=rng),
-        series=series,
-        out_dir=case_dir / "MR",
-    )
-
-
-def _table_position_mm(rng: np.random.Generator) -> float:
-    """Scanner table z of the volume centre, mm; differs per patient as on a real scanner."""
-    return round(float(rng.uniform(-450.0, -150.0)), 1)
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _years_before(day: datetime.date, years: int) -> datetime.date:
-    try:
-        return day.replace(year=day.year - years)
-    except ValueError:  # 29 February in a non-leap target year
-        return day.replace(year=day.year - years, day=28)
-
-
-def _age_on(birth_date: datetime.date, day: datetime.date) -> int:
-    before_birthday = (day.month, day.day) < (birth_date.month, birth_date.day)
-    return day.year - birth_date.year - int(before_birthday)

@@ -24,9 +24,11 @@ import pytest
 import yaml
 
 from fedseg.cli import main
+from simulator.cohort_manifest import GenerationParameters
 from simulator.dicom_writer import PatientIdentity
+from simulator.patients import synthetic_identity
 from simulator.site_profiles import SiteProfile
-from simulator.synthetic_data import GenerationParameters, synthetic_identity, write_federation
+from simulator.synthetic_data import write_federation
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.slow

@@ -12,15 +12,9 @@ from fedseg.cli import main
 from jobs.model import file_sha256, initial_weights, numpy_to_state
 from server_app.history import read_history
 from simulator.baselines import SiteScore, load_site_splits
-from simulator.compare import (
-    CompareError,
-    Method,
-    MethodResult,
-    comparison_ratios,
-    parse_epsilons,
-    privacy_variant,
-    run_compare,
-)
+from simulator.compare import run_compare
+from simulator.compare_results import Method, MethodResult, comparison_ratios
+from simulator.compare_specs import CompareError, parse_epsilons, privacy_variant
 from simulator.federation import run_simulation
 from simulator.overlays import (
     OverlayRefused,

@@ -10,15 +10,14 @@ import pydicom
 import pytest
 
 from fedseg.cli import main
-from simulator.site_profiles import SiteProfile, public_profiles, site_profiles
-from simulator.synthetic_data import (
+from simulator.cohort_manifest import (
     MANIFEST_NAME,
     PUBLIC_FOLDER,
     OutputFolderNotEmptyError,
     PublicCohortSummary,
-    generate_federation_data,
-    generate_public_cohort,
 )
+from simulator.site_profiles import SiteProfile, public_profiles, site_profiles
+from simulator.synthetic_data import generate_federation_data, generate_public_cohort
 from site_app.ingestion import ingest_site
 
 SMALL = {"patients": 4, "seed": 3, "matrix": 32}

@@ -17,17 +17,17 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 
 from simulator import generate_federation_data
 from simulator.broken_inputs import ExpectedReason
-from simulator.dicom_writer import PatientIdentity
-from simulator.site_profiles import SiteProfile, site_profiles
-from simulator.synthetic_data import (
+from simulator.cohort_manifest import (
     MANIFEST_NAME,
     FederationDataSummary,
     GenerationParameters,
     OutputFolderNotEmptyError,
-    series_key,
-    synthetic_identity,
-    write_federation,
 )
+from simulator.dicom_writer import PatientIdentity
+from simulator.patients import synthetic_identity
+from simulator.site_profiles import SiteProfile, site_profiles
+from simulator.synthetic_data import write_federation
+from site_app.dicom_series import series_key
 
 TINY = {"sites": 2, "patients_per_site": 2, "seed": 3, "matrix": 32}
 
