@@ -75,6 +75,13 @@ def privacy_text(spec: JobSpec) -> str:
 def training_budget(spec: JobSpec, splits: dict[str, SiteSplit]) -> dict:
     """The shared budget, with the patient counts it applies to (plain data)."""
     training = spec.training
+    federation = spec.federation
+    server_step = ""
+    if federation.server_lr != 1.0 or federation.server_momentum != 0.0:
+        server_step = (
+            f"; the FedAvg rows' server moves the global model {federation.server_lr:g} times the "
+            f"sites' average update each round (server momentum {federation.server_momentum:g})"
+        )
     return {
         "epochs": training.rounds * training.local_epochs,
         "rounds": training.rounds,
@@ -83,6 +90,8 @@ def training_budget(spec: JobSpec, splits: dict[str, SiteSplit]) -> dict:
         "optimizer": training.optimizer.value,
         "lr": training.lr,
         "lr_schedule": training.lr_schedule.value,
+        "server_lr": federation.server_lr,
+        "server_momentum": federation.server_momentum,
         "train_patients": {site: len(split.train) for site, split in splits.items()},
         "val_patients": {site: len(split.val) for site, split in splits.items()},
         "definition": (
@@ -90,5 +99,6 @@ def training_budget(spec: JobSpec, splits: dict[str, SiteSplit]) -> dict:
             "learning rate schedule and initial weights (each trainer keeps its optimizer state "
             "across rounds): local-only over each site's own training patients, pooled over the "
             "union of all sites' training patients, FedAvg and FedAvg + DP at every site per round"
+            + server_step
         ),
     }
