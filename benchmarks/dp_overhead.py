@@ -141,10 +141,11 @@ def _step(model, optimizer, criterion, image, label) -> None:
 
 def time_modes(spec, args, rounds: int, warmup: int) -> dict[str, dict]:
     """Median step time per mode, steps interleaved mode by mode (order reversed every round)."""
-    import torch
+
+    from site_app.training import use_cpu_threads
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        use_cpu_threads(args.threads)
     image, label = _batch(spec, channels_last=args.channels_last)
     built, results = {}, {}
     for mode in MODES:
@@ -287,9 +288,9 @@ def main() -> int:
 
     if args.child:
         if args.threads:
-            import torch
+            from site_app.training import use_cpu_threads
 
-            torch.set_num_threads(args.threads)
+            use_cpu_threads(args.threads)
         print(json.dumps(peak_memory(args.spec, args, args.child, warmup=warmup, steps=3)))
         return 0
 

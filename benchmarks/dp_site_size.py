@@ -178,11 +178,10 @@ def main() -> int:
 
     import warnings
 
-    import torch
-
     from jobs.model import initial_weights
     from jobs.spec import load_spec, parse_spec
     from simulator.federation import discover_sites, threads_per_site
+    from site_app.training import use_cpu_threads
 
     warnings.filterwarnings("ignore")
     spec_path = Path(args.spec).resolve()
@@ -196,7 +195,7 @@ def main() -> int:
         args.sizes = "2,3"
     data_dir, out = Path(args.data).resolve(), Path(args.out)
     sites = discover_sites(data_dir)
-    torch.set_num_threads(threads_per_site(1))
+    use_cpu_threads(threads_per_site(1))
     cache = out / "cache"
     keep = _subsets(data_dir, sites, cache, spec)
     init = initial_weights(spec.model, spec.training.seed, model_store=spec_path.parent)

@@ -34,7 +34,13 @@ from site_app.ingestion import ingest_site
 from site_app.local_job import LocalJob
 from site_app.policy import PrivacyPolicy
 from site_app.site_config import SiteConfig
-from site_app.training import make_loss, make_optimizer, round_learning_rates, train_epochs
+from site_app.training import (
+    make_loss,
+    make_optimizer,
+    round_learning_rates,
+    train_epochs,
+    use_cpu_threads,
+)
 
 __all__ = [
     "SiteScore",
@@ -175,7 +181,7 @@ def train_pooled(
     rounds), so the only difference to FedAvg is where the data sits.
     """
     training = spec.training
-    torch.set_num_threads(num_threads or os.cpu_count() or 1)
+    use_cpu_threads(num_threads)
     patients = tuple(patient for split in splits.values() for patient in split.train)
     if not patients:
         raise ValueError("train_pooled: no training patients at any site")

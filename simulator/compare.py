@@ -68,6 +68,7 @@ from simulator.compare_specs import (
 )
 from simulator.federation import discover_sites, run_simulation, threads_per_site
 from simulator.overlays import OverlayRefused, write_site_overlays
+from site_app.training import use_cpu_threads
 
 __all__ = ["run_compare"]
 
@@ -318,8 +319,7 @@ def run_compare(
     # The thread count of one simulated site: local-only then gives a site's exact float
     # reductions, and torch never spins more threads than a share of the cores (on a shared
     # 2-core machine, validation took 39.5 s with 2 threads, 8.4 s with 1).
-    num_threads = threads_per_site(len(sites))
-    torch.set_num_threads(num_threads)
+    num_threads = use_cpu_threads(threads_per_site(len(sites)))
     splits = load_site_splits(spec, data_dir=data_dir, sites=sites, cache_dir=out_dir / "cache")
     ctx = _Context(
         spec=spec,

@@ -26,7 +26,7 @@ from jobs.spec import JobSpec
 from simulator.synthetic_data import generate_public_cohort
 from site_app.dataset import PatientCropDataset, prepare_patients
 from site_app.ingestion import ingest_site
-from site_app.training import make_loss, scheduled_lr, train_epochs
+from site_app.training import make_loss, scheduled_lr, train_epochs, use_cpu_threads
 
 __all__ = [
     "PORTABLE_ENVIRONMENT",
@@ -121,7 +121,7 @@ def pretrain_public_model(
     portable = is_portable()
     if portable:
         torch.backends.mkldnn.enabled = False
-    torch.set_num_threads(1 if portable else (os.cpu_count() or 1))
+    use_cpu_threads(1 if portable else None)
     started = time.perf_counter()
     cohort = Path(work_dir) / "public_cohort"
     generate_public_cohort(

@@ -54,6 +54,7 @@ from site_app.training import (
     round_learning_rates,
     sites_sharing_device,
     train_epochs,
+    use_cpu_threads,
 )
 
 __all__ = ["LocalJob", "SiteDataError"]
@@ -119,7 +120,7 @@ class LocalJob:
             raise SiteRefusal(f"site {site} refuses job {spec.name}: " + "; ".join(problems))
         self.ledger = self._open_ledger() if spec.privacy.enabled else None
         if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+            use_cpu_threads(config.num_threads)
 
         private = private_dir if private_dir is not None else state_dir.parent
         ingested = ingest_site(config.data_dir, cache_dir=config.cache_dir or private / "cache")

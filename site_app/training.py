@@ -31,6 +31,7 @@ __all__ = [
     "scheduled_lr",
     "sites_sharing_device",
     "train_epochs",
+    "use_cpu_threads",
 ]
 
 SITES_SHARING_DEVICE_ENV = "FEDSEG_SITES_SHARING_DEVICE"
@@ -78,6 +79,17 @@ def sites_sharing_device(environ: Mapping[str, str] = os.environ) -> int:
             "of site processes >= 1; unset it, or set it to how many sites share this GPU"
         )
     return value
+
+
+def use_cpu_threads(count: int | None = None) -> int:
+    """Set torch's intra-op CPU threads for this process, the one place fedseg does; returns it.
+
+    ``count`` None or 0 means every core. A seeded CPU run repeats only with the same count
+    (torch's float reductions split by thread), so simulation passes a fixed share.
+    """
+    threads = count or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 def apply_placement(placement: DevicePlacement, *, deterministic: bool = False) -> torch.device:
