@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:  # the CLI imports domain packages lazily, so `fedseg --help` stays fast
     from server_app.history import SiteRound
@@ -101,6 +100,7 @@ def _format_record(record: SiteRound) -> str:
 
 
 def _simulate_run(args: argparse.Namespace) -> None:
+    from jobs.progress import progress_bar
     from jobs.spec import load_spec
     from server_app.report import WEAK_EPSILON, final_table, write_report
     from simulator.federation import discover_sites, run_simulation
@@ -116,14 +116,7 @@ def _simulate_run(args: argparse.Namespace) -> None:
     console.print("starting FLARE server and site processes (about 20 s)…")
     rounds = spec.training.rounds
     reported: dict[tuple[str, int], int] = {}
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rounds"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
+    with progress_bar(unit="rounds", console=console, transient=True) as progress:
         task = progress.add_task(
             f"round 1/{rounds}: waiting for {len(sites)} site(s)", total=rounds
         )

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(soft_wrap=True, emoji=False)
 
@@ -49,6 +48,7 @@ def _pretrain_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from jobs.progress import progress_bar
     from jobs.spec import load_spec
     from simulator.pretrain import (
         PORTABLE_ENVIRONMENT,
@@ -71,15 +71,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
     )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
     with (
         tempfile.TemporaryDirectory() as scratch,
-        Progress(*columns, console=console, transient=True) as bar,
+        progress_bar(console=console, transient=True) as bar,
     ):
         task = bar.add_task("public cohort, then training", total=settings.epochs)
         result = pretrain_public_model(

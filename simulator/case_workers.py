@@ -11,8 +11,7 @@ import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+from jobs.progress import progress_bar
 from simulator.case_writer import CaseJob, CaseWritten, write_case
 
 __all__ = ["write_cases"]
@@ -27,14 +26,8 @@ def write_cases(
 ) -> list[CaseWritten]:
     """Write every job, in worker processes when there are enough; results in job order."""
     count = _worker_count(workers, len(jobs))
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
     description = f"synthetic patients ({count} worker{'s' if count > 1 else ''})"
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         task = bar.add_task(description, total=len(jobs))
         if count == 1:
             written = []

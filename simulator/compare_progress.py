@@ -5,8 +5,9 @@ the row it produced (silent without a console).
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from jobs.progress import progress_bar
 from simulator.compare_results import MethodResult
 
 __all__ = ["RunProgress", "row_summary"]
@@ -23,14 +24,7 @@ class RunProgress:
     def start(self, description: str, total: int) -> None:
         if self.console is None:
             return
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,
-        )
+        self._bar = progress_bar(console=self.console, transient=True)
         self._bar.start()
         self._task = self._bar.add_task(description, total=total)
 

@@ -26,10 +26,10 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import ScaleIntensityRange, Spacing, SpatialResample
 from pydicom import Dataset, dcmread
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from jobs.model import build_network
+from jobs.progress import progress_bar
 from jobs.spec import JobSpec
 from site_app.dataset import _affine
 from site_app.dicom_series import (
@@ -364,14 +364,9 @@ def _source_datasets(root: Path, geometry: SeriesGeometry) -> list[Dataset] | Se
 @contextmanager
 def _series_bar(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
     """A rich progress bar over series on stderr; nothing when disabled or not a terminal."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("series"),
-        TimeElapsedColumn(),
-    )
     console = Console(stderr=True)
-    with Progress(*columns, console=console, disable=not (enabled and console.is_terminal)) as bar:
+    with progress_bar(
+        unit="series", console=console, enabled=enabled and console.is_terminal
+    ) as bar:
         task = bar.add_task("Segmenting", total=total)
         yield lambda: bar.advance(task)

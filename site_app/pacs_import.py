@@ -28,9 +28,10 @@ from typing import TypeVar
 
 from dicomweb_client.api import DICOMwebClient
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from jobs.atomic_files import atomic_write
+from jobs.progress import progress_bar
 from site_app.dicom_series import SliceHeader, read_header
 from site_app.dicomweb_retrieve import Retrieval
 from site_app.dicomweb_search import find_instances, find_studies, search_client
@@ -196,7 +197,7 @@ def _list_instances(
     source: DicomwebSource,
     studies: Sequence[str],
     limits: ImportLimits,
-    bars: _Bars,
+    bars: Progress,
 ) -> list[InstanceRef]:
     task = bars.add_task("Listing instances", total=len(studies))
     refs: list[InstanceRef] = []
@@ -219,7 +220,7 @@ def _fetch(
     out_dir: Path,
     journal: _Journal,
     budget: int,
-    bars: _Bars,
+    bars: Progress,
 ) -> int:
     """Fetch up to ``budget`` instances of ``batches`` into ``out_dir``; returns how many.
     Each instance is journaled as soon as it is written, so an error later loses none."""
@@ -304,32 +305,8 @@ def _take(items: Iterator[_T], count: int) -> Iterator[_T]:
             return
 
 
-class _Bars:
-    """Rich progress bars on stderr, or nothing when disabled."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self._progress = progress
-
-    def add_task(self, description: str, total: int) -> int | None:
-        if self._progress is None:
-            return None
-        return self._progress.add_task(description, total=total)
-
-    def advance(self, task: int | None) -> None:
-        if self._progress is not None and task is not None:
-            self._progress.advance(task)
-
-
 @contextmanager
-def _bars(enabled: bool) -> Iterator[_Bars]:
-    if not enabled:
-        yield _Bars(None)
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        yield _Bars(progress)
+def _bars(enabled: bool) -> Iterator[Progress]:
+    """Progress bars on stderr (silent when disabled)."""
+    with progress_bar(console=Console(stderr=True), enabled=enabled) as progress:
+        yield progress
