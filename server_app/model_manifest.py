@@ -86,11 +86,8 @@ def manifest_paths(model_path: Path) -> tuple[Path, Path]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def spec_sha256(spec: Mapping) -> str:

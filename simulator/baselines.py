@@ -7,7 +7,6 @@ pooling patients from several hospitals is exactly what a federation avoids.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -27,6 +26,7 @@ from jobs.model import (
     numpy_to_state,
     state_to_numpy,
 )
+from jobs.seeds import derived_seed
 from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, PreparedPatient, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
@@ -88,8 +88,7 @@ def _seed(seed: int | None, purpose: str) -> int:
     """A per-purpose seed derived from the spec's seed; fresh randomness when it is null."""
     if seed is None:
         return secrets.randbits(63)
-    digest = hashlib.sha256(f"{seed}:pooled:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derived_seed(seed, "pooled", purpose)
 
 
 def _site_config(

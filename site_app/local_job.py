@@ -24,6 +24,7 @@ from jobs.model import (
     state_to_numpy,
     unmatched_trainable_patterns,
 )
+from jobs.seeds import derived_seed
 from jobs.spec import JobSpec
 from site_app.dataset import PatientCropDataset, prepare_patients, split_patients
 from site_app.evaluation import evaluate_patients, summarize
@@ -64,11 +65,6 @@ log = logging.getLogger(__name__)
 
 class SiteDataError(RuntimeError):
     """The site cannot take part: no usable data. The message says what to check."""
-
-
-def _derived_seed(seed: int, site: str, purpose: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{site}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _spec_fingerprint(spec: JobSpec) -> str:
@@ -163,7 +159,7 @@ class LocalJob:
 
     def _seed_for(self, purpose: str) -> int | None:
         seed = self.spec.training.seed
-        return None if seed is None else _derived_seed(seed, self.site, purpose)
+        return None if seed is None else derived_seed(seed, self.site, purpose)
 
     def _generator(self, purpose: str, *, secret: bool, device="cpu") -> torch.Generator:
         seed = self._seed_for(purpose)
