@@ -16,7 +16,6 @@ TINY_SPEC = {
         "enabled": True,
         "noise_multiplier": 1.0,
         "count_noise_std": 1.0,  # the released count of a 2-patient site stays near 2
-        "grad_sample_mode": "functorch",
     },
     "federation": {"min_clients": 2},
 }
