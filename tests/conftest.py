@@ -37,3 +37,13 @@ def tiny_federation(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("federation") / "data"
     generate_federation_data(out_dir=out, sites=2, patients_per_site=3, seed=0, matrix=32)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_federation, tmp_path_factory):
+    """One FLARE simulation of the tiny spec over the tiny federation, shared by every test that
+    only reads its results (history, models, TensorBoard files); read it, never change it."""
+    from simulator.federation import run_simulation
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    return run_simulation(tiny_spec(), data_dir=tiny_federation, out_dir=out)

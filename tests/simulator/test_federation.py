@@ -15,9 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_federation, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run-a")
-    return run_simulation(tiny_spec(), data_dir=tiny_federation, out_dir=out)
+def first_run(tiny_run):
+    return tiny_run
 
 
 def test_two_sites_two_rounds_end_to_end(first_run):

@@ -6,9 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jobs import keys
-from simulator.federation import run_simulation
 from site_app.tracking import round_scalars
-from tests.conftest import tiny_spec
 
 TRAIN_META = {
     keys.VAL_DICE: 0.25,
@@ -73,12 +71,9 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.slow
-def test_a_simulation_writes_tensorboard_runs_for_server_sites_and_federation(
-    tiny_federation, tmp_path
-):
-    result = run_simulation(tiny_spec(), data_dir=tiny_federation, out_dir=tmp_path)
-    history = result.history
-    board = tmp_path / "tensorboard"
+def test_a_simulation_writes_tensorboard_runs_for_server_sites_and_federation(tiny_run):
+    history = tiny_run.history
+    board = tiny_run.out_dir / "tensorboard"
     for site in ("site-1", "site-2"):
         records = {r.round: r for r in history.rounds if r.site == site}
         final = next(r for r in history.final if r.site == site)
