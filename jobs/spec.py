@@ -219,9 +219,8 @@ class FederationSpec(_Strict):
     (docs/performance.md); the global model always travels in float32."""
     server_lr: Annotated[float, Field(gt=0, le=5)] = 1.0
     """Server step size on the round's average update (FedAvgM): the global model moves
-    ``server_lr`` times the way from itself to the sites' average. 1 is plain FedAvg; 2 made
-    FedAvg take about as far a step as pooled training does over the same epochs
-    (docs/researcher.md); 3 diverged."""
+    ``server_lr`` times the way from itself to the sites' average. 1 is plain FedAvg; with the
+    demo recipe 1.5 did best of 1 to 3, and 3 diverged (docs/researcher.md)."""
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Server momentum on those average updates (FedAvgM); 0 is none."""
 
