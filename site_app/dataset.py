@@ -21,7 +21,7 @@ from monai.transforms import (
 )
 
 from jobs.spec import DataSpec
-from site_app.ingestion import LabelledVolume, PatientRecord
+from site_app.volumes import LabelledVolume, PatientRecord
 
 __all__ = [
     "PatientCropDataset",

@@ -41,7 +41,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jobs.atomic_files import atomic_write
-from site_app.dicom_series import SliceHeader, read_header, series_key
+from site_app.dicom_headers import SliceHeader, read_header
+from site_app.dicom_series import series_key
 
 __all__ = [
     "DicomwebSource",
