@@ -21,6 +21,7 @@ from monai.transforms import (
 )
 
 from jobs.spec import DataSpec
+from site_app.geometry import series_affine_lps
 from site_app.volumes import LabelledVolume, PatientRecord
 
 __all__ = [
@@ -48,24 +49,9 @@ class PreparedPatient:
     volumes: tuple[PreparedVolume, ...]
 
 
-def _affine(volume: LabelledVolume) -> torch.Tensor:
-    """Voxel (row, col, slice) -> patient mm, from the DICOM geometry (LPS)."""
-    row_cosines = np.asarray(volume.orientation[:3])
-    col_cosines = np.asarray(volume.orientation[3:])
-    normal = np.cross(row_cosines, col_cosines)
-    row_spacing, col_spacing, slice_spacing = volume.spacing_mm
-    affine = np.eye(4)
-    # Moving down one row follows the column cosines; moving along a row follows the row cosines.
-    affine[:3, 0] = col_cosines * row_spacing
-    affine[:3, 1] = row_cosines * col_spacing
-    affine[:3, 2] = normal * slice_spacing
-    affine[:3, 3] = volume.origin_mm
-    return torch.as_tensor(affine, dtype=torch.float64)
-
-
 def prepare_volume(volume: LabelledVolume, data: DataSpec) -> PreparedVolume:
     """Resample to ``data.target_spacing_mm`` (image bilinear, label nearest) and window HU."""
-    affine = _affine(volume)
+    affine = torch.as_tensor(series_affine_lps(volume), dtype=torch.float64)
     image = MetaTensor(volume.image_hu[None].astype(np.float32), affine=affine)
     label = MetaTensor(volume.label[None].astype(np.float32), affine=affine)
     target = tuple(float(s) for s in data.target_spacing_mm)
