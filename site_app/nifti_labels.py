@@ -257,6 +257,9 @@ def mask_on_series_grid(
     >= 0.5 for fractional masks). A file with negative values, whole numbers above
     `MAX_LABEL_VALUE` or fractions above 1 is an image, not a mask, and is refused.
     """
+    from nibabel.affines import from_matvec  # imported here: only sites with NIfTI masks pay
+    from nibabel.orientations import apply_orientation, io_orientation
+
     key = series_key(geometry.slices[0].series_uid)
     first = geometry.slices[0]
     shape = (int(first.rows or 0), int(first.columns or 0), len(geometry.slices))
@@ -275,8 +278,11 @@ def mask_on_series_grid(
         and np.max(np.abs(cosines - signed)) <= _PARALLEL_TOLERANCE
     ):
         return refuse("its axes are not parallel to the series' rows, columns and slices")
-    axes = [int(np.argmax(np.abs(signed[a]))) for a in range(3)]
-    signs = [float(signed[a, axes[a]]) for a in range(3)]
+    # nibabel's orientation algebra: mask axis b -> (series axis, direction); on every matching
+    # the check above accepts, it agrees with reading the axes off ``signed``.
+    ornt = io_orientation(from_matvec(cosines))
+    axes = [int(b) for b in np.argsort(ornt[:, 0])]  # axes[a]: the mask axis along series axis a
+    signs = [float(ornt[b, 1]) for b in axes]
     mask_shape = tuple(data.shape[b] for b in axes)
     problems = []
     if mask_shape != shape:
@@ -313,10 +319,7 @@ def mask_on_series_grid(
             f"numbers 0-{MAX_LABEL_VALUE} or fractions in [0, 1]); series {key} is not labelled "
             "by it",
         )
-    placed = np.transpose(data, axes)
-    for axis, sign in enumerate(signs):
-        if sign < 0:
-            placed = np.flip(placed, axis)
+    placed = apply_orientation(data, ornt)
     if np.issubdtype(placed.dtype, np.floating):
         lesion = np.nan_to_num(placed, nan=0.0) >= _FRACTIONAL_LESION_THRESHOLD
     else:
