@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import ScaleIntensityRange, Spacing, SpatialResample
+from monai.transforms import SpatialResample
 from pydicom import Dataset, dcmread
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,6 +32,7 @@ from torch import nn
 from jobs.model import build_network
 from jobs.spec import JobSpec
 from site_app.ct_pixels import decode_hu_volume
+from site_app.dataset import affine_tensor, preparation
 from site_app.dicom_headers import SliceHeader, read_header
 from site_app.dicom_series import (
     SeriesGeometry,
@@ -41,7 +42,6 @@ from site_app.dicom_series import (
     series_key,
 )
 from site_app.evaluation import THRESHOLD
-from site_app.geometry import series_affine_lps
 from site_app.ingestion import (
     NoDicomFoundError,
     dicom_libraries_silenced,
@@ -180,20 +180,12 @@ def find_series(data_dir: Path) -> SeriesScan:
 # --- the prediction (pure, given the network) ---------------------------------------------------
 
 
-def _affine_tensor(geometry: SeriesGeometry) -> torch.Tensor:
-    """`series_affine_lps` as MONAI takes it (float64 tensor), as `prepare_volume` attaches it."""
-    return torch.as_tensor(series_affine_lps(geometry), dtype=torch.float64)
-
-
 def prepared_image(image_hu: np.ndarray, geometry: SeriesGeometry, spec: JobSpec) -> MetaTensor:
     """(1, H, W, D) in [0, 1] at ``spec.data.target_spacing_mm``, its affine (LPS mm) attached:
-    the image `site_app.dataset.prepare_volume` gives training, from (rows, cols, slices) HU."""
-    image = MetaTensor(image_hu[None].astype(np.float32), affine=_affine_tensor(geometry))
-    image = Spacing(pixdim=tuple(float(s) for s in spec.data.target_spacing_mm), mode="bilinear")(
-        image
-    )
-    low, high = spec.data.hu_window
-    return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+    the image `site_app.dataset.prepare_volume` gives training (`site_app.dataset.preparation`),
+    from (rows, cols, slices) HU."""
+    image = MetaTensor(image_hu[None].astype(np.float32), affine=affine_tensor(geometry))
+    return preparation(spec.data)({"image": image})["image"]
 
 
 def predict_mask(
@@ -225,7 +217,7 @@ def predict_mask(
         lesion = (torch.sigmoid(logits[0]) > THRESHOLD).float()
     on_training_grid = MetaTensor(lesion, affine=image.affine)
     back = SpatialResample(mode="nearest", padding_mode="zeros")(
-        on_training_grid, dst_affine=_affine_tensor(geometry), spatial_size=image_hu.shape
+        on_training_grid, dst_affine=affine_tensor(geometry), spatial_size=image_hu.shape
     )
     return np.ascontiguousarray(np.asarray(back[0]) > 0.5, dtype=np.uint8)
 
