@@ -91,6 +91,7 @@ def main() -> None:
 
     from jobs.spec import load_spec, parse_spec
     from server_app.model_manifest import file_sha256, manifest_paths, verify_model
+    from site_app.ct_pixels import decode_hu_volume
     from site_app.inference import (
         SW_BATCH_SIZE,
         SW_OVERLAP,
@@ -100,7 +101,6 @@ def main() -> None:
         prepared_image,
         run_inference,
     )
-    from site_app.ingestion import _decode_image
     from site_app.seg_writer import ModelProvenance, build_seg
 
     spec = load_spec(args.spec) if args.spec else parse_spec(SMALL_SPEC)
@@ -117,7 +117,7 @@ def main() -> None:
         )
         model = load_model(model_path, spec=spec, provenance=provenance)
         scan = find_series(site)
-        volumes = [(g, np.asarray(_decode_image(site, g))) for g in scan.series]
+        volumes = [(g, np.asarray(decode_hu_volume(site, g))) for g in scan.series]
         images = [prepared_image(hu, g, spec).as_tensor()[None] for g, hu in volumes]
         first = volumes[0][1]
         print(
@@ -144,7 +144,7 @@ def main() -> None:
         sources = [dcmread(site / h.path, stop_before_pixels=True) for h in geometry.slices]
         mask = predict_mask(model.network, hu, geometry, spec)
         phases = {
-            "decode to HU": lambda: _decode_image(site, geometry),
+            "decode to HU": lambda: decode_hu_volume(site, geometry),
             "prepare (spacing, window)": lambda: prepared_image(hu, geometry, spec),
             "predict + mask back on the grid": lambda: predict_mask(
                 model.network, hu, geometry, spec

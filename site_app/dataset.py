@@ -14,20 +14,25 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    Compose,
     RandCropByPosNegLabeld,
-    ScaleIntensityRange,
-    Spacing,
+    ScaleIntensityRanged,
+    Spacingd,
     SpatialPadd,
 )
 
 from jobs.spec import DataSpec
-from site_app.ingestion import LabelledVolume, PatientRecord
+from site_app.geometry import SeriesGrid, series_affine_lps
+from site_app.volumes import LabelledVolume, PatientRecord
 
 __all__ = [
     "PatientCropDataset",
     "PreparedPatient",
     "PreparedVolume",
+    "affine_tensor",
+    "preparation",
     "prepare_patients",
+    "prepare_volume",
     "split_patients",
 ]
 
@@ -48,34 +53,47 @@ class PreparedPatient:
     volumes: tuple[PreparedVolume, ...]
 
 
-def _affine(volume: LabelledVolume) -> torch.Tensor:
-    """Voxel (row, col, slice) -> patient mm, from the DICOM geometry (LPS)."""
-    row_cosines = np.asarray(volume.orientation[:3])
-    col_cosines = np.asarray(volume.orientation[3:])
-    normal = np.cross(row_cosines, col_cosines)
-    row_spacing, col_spacing, slice_spacing = volume.spacing_mm
-    affine = np.eye(4)
-    # Moving down one row follows the column cosines; moving along a row follows the row cosines.
-    affine[:3, 0] = col_cosines * row_spacing
-    affine[:3, 1] = row_cosines * col_spacing
-    affine[:3, 2] = normal * slice_spacing
-    affine[:3, 3] = volume.origin_mm
-    return torch.as_tensor(affine, dtype=torch.float64)
+def affine_tensor(grid: SeriesGrid) -> torch.Tensor:
+    """`series_affine_lps` of ``grid`` as MONAI takes it: a (4, 4) float64 tensor."""
+    return torch.as_tensor(series_affine_lps(grid), dtype=torch.float64)
+
+
+def preparation(data: DataSpec) -> Compose:
+    """The MONAI transforms from a volume as ingested to what the network sees.
+
+    Items are dicts of (1, rows, cols, slices) float32 `MetaTensor`s carrying the series' LPS
+    affine (`affine_tensor`): ``"image"`` in HU and, optionally, ``"label"``. Both are resampled
+    to ``data.target_spacing_mm`` (image bilinear, label nearest); the image's ``data.hu_window``
+    is mapped to [0, 1], clipped. Training and inference prepare volumes with it alike.
+    """
+    low, high = data.hu_window
+    return Compose(
+        [
+            Spacingd(
+                keys=("image", "label"),
+                pixdim=tuple(float(s) for s in data.target_spacing_mm),
+                mode=("bilinear", "nearest"),
+                allow_missing_keys=True,
+            ),
+            ScaleIntensityRanged(
+                keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True
+            ),
+        ]
+    )
 
 
 def prepare_volume(volume: LabelledVolume, data: DataSpec) -> PreparedVolume:
-    """Resample to ``data.target_spacing_mm`` (image bilinear, label nearest) and window HU."""
-    affine = _affine(volume)
-    image = MetaTensor(volume.image_hu[None].astype(np.float32), affine=affine)
-    label = MetaTensor(volume.label[None].astype(np.float32), affine=affine)
-    target = tuple(float(s) for s in data.target_spacing_mm)
-    image = Spacing(pixdim=target, mode="bilinear")(image)
-    label = Spacing(pixdim=target, mode="nearest")(label)
-    low, high = data.hu_window
-    image = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+    """Resample to ``data.target_spacing_mm`` and window HU (`preparation`); label as 0/1."""
+    affine = affine_tensor(volume)
+    prepared = preparation(data)(
+        {
+            "image": MetaTensor(volume.image_hu[None].astype(np.float32), affine=affine),
+            "label": MetaTensor(volume.label[None].astype(np.float32), affine=affine),
+        }
+    )
     return PreparedVolume(
-        image=np.ascontiguousarray(image.numpy(), dtype=np.float32),
-        label=np.ascontiguousarray((label.numpy() > 0.5).astype(np.float32)),
+        image=np.ascontiguousarray(prepared["image"].numpy(), dtype=np.float32),
+        label=np.ascontiguousarray((prepared["label"].numpy() > 0.5).astype(np.float32)),
     )
 
 

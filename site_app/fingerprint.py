@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.atomic_files import atomic_write
 from site_app.data_summary import summarize
-from site_app.ingestion import IngestionResult, LabelledVolume
+from site_app.ingestion import IngestionResult
+from site_app.volumes import LabelledVolume
 
 __all__ = [
     "BODY_THRESHOLD_HU",
@@ -87,7 +88,7 @@ class DataFingerprint(_Record):
 
     Spacing quantiles are over series (percentile as text -> mm; ``in_plane`` is the mean of
     row and column spacing); vendor and slice-thickness mixes are shares of patients (their
-    first series, as `site_app.ingestion.PatientRecord` reports them), a thickness named like
+    first series, as `site_app.volumes.PatientRecord` reports them), a thickness named like
     "2.5 mm" (rounded to 0.01 mm). Mixes sum to 1.
     """
 

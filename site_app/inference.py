@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import ScaleIntensityRange, Spacing, SpatialResample
+from monai.transforms import SpatialResample
 from pydicom import Dataset, dcmread
 from rich.console import Console
 from torch import nn
@@ -31,31 +31,30 @@ from torch import nn
 from jobs.model import build_network
 from jobs.progress import progress_bar
 from jobs.spec import JobSpec
-from site_app.dataset import _affine
+from site_app.ct_pixels import decode_hu_volume
+from site_app.dataset import affine_tensor, preparation
+from site_app.dicom_headers import SliceHeader, read_header
 from site_app.dicom_series import (
     SeriesGeometry,
     SeriesProblem,
-    SliceHeader,
     group_by_series,
-    read_header,
     series_folder,
     series_key,
 )
 from site_app.evaluation import THRESHOLD
 from site_app.ingestion import (
     NoDicomFoundError,
-    _decode_image,
-    _describe,
-    _dicom_libraries_silenced,
-    _drop_images_without_pixels,
-    _require_data_dir,
-    _validate_series,
-    _walk,
+    dicom_libraries_silenced,
+    drop_images_without_pixels,
+    require_data_dir,
+    validate_series,
+    walk_files,
 )
 from site_app.nifti_labels import is_nifti
 from site_app.quarantine import (
     QuarantineEntry,
     QuarantineReason,
+    describe_error,
     sorted_entries,
     write_quarantine,
 )
@@ -150,9 +149,9 @@ def find_series(data_dir: Path) -> SeriesScan:
     Raises:
         FileNotFoundError / NotADirectoryError / NoDicomFoundError: as `ingest_site`.
     """
-    root = _require_data_dir(Path(data_dir))
-    files = [p for p in _walk(root) if not is_nifti(p)]
-    with _dicom_libraries_silenced():
+    root = require_data_dir(Path(data_dir))
+    files = [p for p in walk_files(root) if not is_nifti(p)]
+    with dicom_libraries_silenced():
         reads = [read_header(path, root) for path in files]
     headers = [r for r in reads if isinstance(r, SliceHeader)]
     if not headers:
@@ -161,11 +160,11 @@ def find_series(data_dir: Path) -> SeriesScan:
             "folder holding the DICOM export"
         )
     quarantine = [r for r in reads if isinstance(r, QuarantineEntry)]
-    headers = _drop_images_without_pixels(headers, quarantine)
+    headers = drop_images_without_pixels(headers, quarantine)
     groups = group_by_series(h for h in headers if not h.is_segmentation)
     valid = []
     for uid, group in groups.items():
-        entries, outcome = _validate_series(uid, group)
+        entries, outcome = validate_series(uid, group)
         quarantine += entries
         if isinstance(outcome, SeriesGeometry):
             valid.append(outcome)
@@ -183,13 +182,10 @@ def find_series(data_dir: Path) -> SeriesScan:
 
 def prepared_image(image_hu: np.ndarray, geometry: SeriesGeometry, spec: JobSpec) -> MetaTensor:
     """(1, H, W, D) in [0, 1] at ``spec.data.target_spacing_mm``, its affine (LPS mm) attached:
-    the image `site_app.dataset.prepare_volume` gives training, from (rows, cols, slices) HU."""
-    image = MetaTensor(image_hu[None].astype(np.float32), affine=_affine(geometry))
-    image = Spacing(pixdim=tuple(float(s) for s in spec.data.target_spacing_mm), mode="bilinear")(
-        image
-    )
-    low, high = spec.data.hu_window
-    return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image)
+    the image `site_app.dataset.prepare_volume` gives training (`site_app.dataset.preparation`),
+    from (rows, cols, slices) HU."""
+    image = MetaTensor(image_hu[None].astype(np.float32), affine=affine_tensor(geometry))
+    return preparation(spec.data)({"image": image})["image"]
 
 
 def predict_mask(
@@ -221,7 +217,7 @@ def predict_mask(
         lesion = (torch.sigmoid(logits[0]) > THRESHOLD).float()
     on_training_grid = MetaTensor(lesion, affine=image.affine)
     back = SpatialResample(mode="nearest", padding_mode="zeros")(
-        on_training_grid, dst_affine=_affine(geometry), spatial_size=image_hu.shape
+        on_training_grid, dst_affine=affine_tensor(geometry), spatial_size=image_hu.shape
     )
     return np.ascontiguousarray(np.asarray(back[0]) > 0.5, dtype=np.uint8)
 
@@ -316,8 +312,8 @@ def _segment_one(
     device: torch.device | str,
 ) -> WrittenSeg | QuarantineEntry | str:
     key = series_key(geometry.slices[0].series_uid)
-    with _dicom_libraries_silenced():
-        image = _decode_image(root, geometry)
+    with dicom_libraries_silenced():
+        image = decode_hu_volume(root, geometry)
         sources = image if isinstance(image, SeriesProblem) else _source_datasets(root, geometry)
     if isinstance(sources, SeriesProblem):
         return QuarantineEntry(
@@ -329,14 +325,14 @@ def _segment_one(
         )
     mask = predict_mask(model.network, image, geometry, model.spec, device=device)
     try:
-        with _dicom_libraries_silenced():
+        with dicom_libraries_silenced():
             seg = build_seg(source_images=sources, mask=mask, provenance=model.provenance)
             return write_seg(
                 seg, path=seg_path(out_dir, key), series_key=key, lesion_voxels=int(mask.sum())
             )
     except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks
         logger.debug("series %s: no SEG (%s)", key, type(error).__name__)
-        return f"highdicom could not make its SEG ({_describe(error)})"
+        return f"highdicom could not make its SEG ({describe_error(error)})"
 
 
 def _source_datasets(root: Path, geometry: SeriesGeometry) -> list[Dataset] | SeriesProblem:

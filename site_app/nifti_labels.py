@@ -18,17 +18,20 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from site_app.dicom_series import SeriesGeometry, SeriesProblem, series_key
+from site_app.dicom_headers import SliceHeader
+from site_app.dicom_series import SeriesGeometry, SeriesProblem, series_folder, series_key
+from site_app.geometry import series_affine_lps
 from site_app.quarantine import QuarantineEntry, QuarantineReason
 
 __all__ = [
     "MaskFile",
+    "decode_mask",
     "is_nifti",
     "mask_on_series_grid",
     "mask_targets",
+    "pair_masks",
     "read_mask",
     "read_mask_file",
-    "series_affine_lps",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -134,6 +137,50 @@ def mask_targets(
     return candidates, entries
 
 
+def pair_masks(
+    masks: list[MaskFile],
+    series: Mapping[str, Sequence[SliceHeader]],
+    rejected: Mapping[str, QuarantineReason],
+    segs: Mapping[str, SliceHeader],
+) -> tuple[dict[str, MaskFile], list[QuarantineEntry]]:
+    """Match each NIfTI mask to the image series it labels (`mask_targets`); a
+    series' DICOM SEG wins over masks, a mask named after the series over one found by folder,
+    then the first by path."""
+    folders = {uid: series_folder(h.path for h in group) for uid, group in series.items()}
+    candidates, entries = mask_targets(masks, folders)
+    paired: dict[str, MaskFile] = {}
+    for uid, found in candidates.items():
+        key = series_key(uid)
+        for mask in found:
+            if uid in rejected:
+                detail = (
+                    f"labels series {key}, which was quarantined ({rejected[uid].value}); fix "
+                    "that series (see its entry) and re-run"
+                )
+                reason = QuarantineReason.LABEL_WITHOUT_SERIES
+            elif uid in segs:
+                detail = (
+                    f"a NIfTI mask for series {key}, which already has the DICOM SEG "
+                    f"{segs[uid].path}; the mask is ignored (remove one of them if the mask is "
+                    "the right label)"
+                )
+                reason = QuarantineReason.DUPLICATE_INSTANCE
+            elif uid in paired:
+                first = paired[uid]
+                detail = (
+                    f"byte-identical copy of {first.path}; the copy is ignored"
+                    if mask.digest == first.digest
+                    else f"a second NIfTI mask for series {key}; only {first.path} is used "
+                    "(remove one of them if the other is the right label)"
+                )
+                reason = QuarantineReason.DUPLICATE_INSTANCE
+            else:
+                paired[uid] = mask
+                continue
+            entries.append(QuarantineEntry(mask.path, reason, detail, key))
+    return paired, entries
+
+
 # --- reading (I/O) -------------------------------------------------------------------------------
 
 
@@ -174,24 +221,30 @@ def read_mask(path: Path) -> tuple[np.ndarray, np.ndarray] | SeriesProblem:
     return data, affine
 
 
+def decode_mask(root: Path, mask: MaskFile, geometry: SeriesGeometry) -> np.ndarray | SeriesProblem:
+    """Binary lesion mask (rows, cols, slices) uint8 from a NIfTI file, on the series' grid."""
+    path = root / mask.path
+    try:
+        unchanged = hashlib.sha256(path.read_bytes()).hexdigest() == mask.digest
+    except OSError as exc:
+        return SeriesProblem(
+            QuarantineReason.TRUNCATED,
+            f"could not be read again ({type(exc).__name__}); check that the file is still there "
+            "and readable by the fedseg user",
+        )
+    if not unchanged:
+        return SeriesProblem(
+            QuarantineReason.TRUNCATED,
+            "changed while fedseg was reading the data folder; re-run when the copy has finished",
+        )
+    read = read_mask(path)
+    if isinstance(read, SeriesProblem):
+        return read
+    data, affine = read
+    return mask_on_series_grid(data, affine, geometry)
+
+
 # --- placing on the series grid (pure) -----------------------------------------------------------
-
-
-def series_affine_lps(geometry: SeriesGeometry) -> np.ndarray:
-    """Voxel (row, column, slice) -> patient LPS mm of a validated series, (4, 4) float64.
-
-    Moving down a row follows the column cosines, along a row the row cosines (DICOM C.7.6.2).
-    """
-    orientation = np.asarray(geometry.orientation, dtype=np.float64)
-    row_cosines, col_cosines = orientation[:3], orientation[3:]
-    normal = np.cross(row_cosines, col_cosines)
-    row_spacing, col_spacing, slice_spacing = geometry.spacing_mm
-    affine = np.eye(4)
-    affine[:3, 0] = col_cosines * row_spacing
-    affine[:3, 1] = row_cosines * col_spacing
-    affine[:3, 2] = normal / np.linalg.norm(normal) * slice_spacing
-    affine[:3, 3] = geometry.origin_mm
-    return affine
 
 
 def mask_on_series_grid(
@@ -204,6 +257,9 @@ def mask_on_series_grid(
     >= 0.5 for fractional masks). A file with negative values, whole numbers above
     `MAX_LABEL_VALUE` or fractions above 1 is an image, not a mask, and is refused.
     """
+    from nibabel.affines import from_matvec  # imported here: only sites with NIfTI masks pay
+    from nibabel.orientations import apply_orientation, io_orientation
+
     key = series_key(geometry.slices[0].series_uid)
     first = geometry.slices[0]
     shape = (int(first.rows or 0), int(first.columns or 0), len(geometry.slices))
@@ -222,8 +278,11 @@ def mask_on_series_grid(
         and np.max(np.abs(cosines - signed)) <= _PARALLEL_TOLERANCE
     ):
         return refuse("its axes are not parallel to the series' rows, columns and slices")
-    axes = [int(np.argmax(np.abs(signed[a]))) for a in range(3)]
-    signs = [float(signed[a, axes[a]]) for a in range(3)]
+    # nibabel's orientation algebra: mask axis b -> (series axis, direction); on every matching
+    # the check above accepts, it agrees with reading the axes off ``signed``.
+    ornt = io_orientation(from_matvec(cosines))
+    axes = [int(b) for b in np.argsort(ornt[:, 0])]  # axes[a]: the mask axis along series axis a
+    signs = [float(ornt[b, 1]) for b in axes]
     mask_shape = tuple(data.shape[b] for b in axes)
     problems = []
     if mask_shape != shape:
@@ -260,10 +319,7 @@ def mask_on_series_grid(
             f"numbers 0-{MAX_LABEL_VALUE} or fractions in [0, 1]); series {key} is not labelled "
             "by it",
         )
-    placed = np.transpose(data, axes)
-    for axis, sign in enumerate(signs):
-        if sign < 0:
-            placed = np.flip(placed, axis)
+    placed = apply_orientation(data, ornt)
     if np.issubdtype(placed.dtype, np.floating):
         lesion = np.nan_to_num(placed, nan=0.0) >= _FRACTIONAL_LESION_THRESHOLD
     else:

@@ -32,7 +32,7 @@ from rich.progress import Progress
 
 from jobs.atomic_files import atomic_write
 from jobs.progress import progress_bar
-from site_app.dicom_series import SliceHeader, read_header
+from site_app.dicom_headers import SliceHeader, read_header
 from site_app.dicomweb_retrieve import Retrieval
 from site_app.dicomweb_search import find_instances, find_studies, search_client
 from site_app.dicomweb_source import DicomwebSource, ImportLimits, StudySelection

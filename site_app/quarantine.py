@@ -7,6 +7,7 @@ Entries name files by their path relative to the site's data folder and series b
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -65,6 +66,19 @@ class QuarantineEntry:
 def sorted_entries(entries: Iterable[QuarantineEntry]) -> list[QuarantineEntry]:
     """Entries in the stable order used everywhere: by path, then reason, series key, detail."""
     return sorted(entries, key=QuarantineEntry.sort_key)
+
+
+_UID_LIKE = re.compile(r"\d+(?:\.\d+){3,}")
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def describe_error(exc: Exception) -> str:
+    """Exception type and message on one line, UIDs and memory addresses masked, at most 200
+    characters: for an entry's ``detail`` (shown to site admins, stable from run to run)."""
+    message = _UID_LIKE.sub("<uid>", " ".join(str(exc).split()))
+    message = _MEMORY_ADDRESS.sub("", message)  # keeps details identical from run to run
+    message = message if len(message) <= 200 else message[:199] + "…"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def write_quarantine(entries: Iterable[QuarantineEntry], path: Path) -> None:

@@ -99,7 +99,7 @@ class PatientGroups:
 
 
 def patient_groups(record) -> PatientGroups:
-    """Groups of one ``site_app.ingestion.PatientRecord`` (headers of its first volume)."""
+    """Groups of one ``site_app.volumes.PatientRecord`` (headers of its first volume)."""
     return PatientGroups(
         sex=sex_group(record.sex),
         age_band=age_band(record.age_years),

@@ -7,8 +7,9 @@ import pytest
 from rich.console import Console
 
 from site_app.data_summary import SiteDataSummary, summarize, summary_table
-from site_app.ingestion import IngestionResult, LabelledVolume, PatientRecord
+from site_app.ingestion import IngestionResult
 from site_app.quarantine import QuarantineEntry, QuarantineReason
+from site_app.volumes import LabelledVolume, PatientRecord
 
 R = QuarantineReason
 

@@ -55,8 +55,10 @@ def run_corpus(corpus: str, cache: str, out: str) -> None:
     import numpy as np
     from pydicom import dcmread
 
-    from site_app.dicom_series import SeriesProblem, SliceHeader, pixel_layout, read_header
-    from site_app.ingestion import decode_pixels, ingest_site, stored_pixels
+    from site_app.ct_pixels import decode_pixels, stored_pixels
+    from site_app.dicom_headers import SliceHeader, pixel_layout, read_header
+    from site_app.dicom_series import SeriesProblem
+    from site_app.ingestion import ingest_site
 
     def same(ours: np.ndarray, theirs: np.ndarray) -> bool:
         return bool(ours.dtype == theirs.dtype and np.array_equal(ours, theirs))

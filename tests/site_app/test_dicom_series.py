@@ -9,11 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from site_app.dicom_headers import SliceHeader, parse_age, patient_key, read_header
 from site_app.dicom_series import (
-    SliceHeader,
-    parse_age,
-    patient_key,
-    read_header,
     series_folder,
     series_geometry,
     series_key,

@@ -36,6 +36,7 @@ from server_app.model_manifest import (
     simulation_signer,
     write_signed_manifest,
 )
+from site_app.ct_pixels import decode_hu_volume
 from site_app.dataset import prepare_volume
 from site_app.dicom_series import series_key
 from site_app.inference import (
@@ -45,7 +46,7 @@ from site_app.inference import (
     predict_mask,
     prepared_image,
 )
-from site_app.ingestion import _decode_image, ingest_site
+from site_app.ingestion import ingest_site
 from site_app.quarantine import read_quarantine
 from site_app.seg_writer import ModelProvenance, build_seg
 from tests.conftest import tiny_spec
@@ -206,7 +207,7 @@ def test_the_network_sees_the_image_training_prepares(tiny_federation):
     assert volumes and len(scan.series) == len(volumes)  # unlabelled series would count too
     for geometry in scan.series:
         volume = volumes[_key(geometry)]
-        ours = prepared_image(np.asarray(_decode_image(site, geometry)), geometry, SPEC)
+        ours = prepared_image(np.asarray(decode_hu_volume(site, geometry)), geometry, SPEC)
         np.testing.assert_array_equal(ours.numpy(), prepare_volume(volume, SPEC.data).image)
 
 

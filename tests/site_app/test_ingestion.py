@@ -15,17 +15,13 @@ import pytest
 from pydicom.uid import EnhancedCTImageStorage, generate_uid
 from rich.console import Console
 
+from site_app.ct_pixels import stored_pixels
 from site_app.data_summary import summarize, summary_table
-from site_app.dicom_series import SeriesProblem, read_header
-from site_app.ingestion import (
-    IngestionResult,
-    LabelledVolume,
-    NoDicomFoundError,
-    ingest_site,
-    series_key,
-    stored_pixels,
-)
+from site_app.dicom_headers import read_header
+from site_app.dicom_series import SeriesProblem, series_key
+from site_app.ingestion import IngestionResult, NoDicomFoundError, ingest_site
 from site_app.quarantine import QuarantineReason, read_quarantine, write_quarantine
+from site_app.volumes import LabelledVolume
 from tests.site_app.dicom_factory import (
     Patient,
     WrittenSeries,
@@ -374,16 +370,18 @@ def test_the_cache_gives_back_exactly_what_was_decoded(tmp_path, slope):
 def test_a_second_run_parses_no_unchanged_file_and_a_changed_one_again(tmp_path, monkeypatch):
     """Headers are cached by content hash: a rerun reads and hashes every file but parses only
     the ones whose bytes changed."""
-    import site_app.dicom_series as dicom_series
+    import site_app.dicom_headers as dicom_headers
 
     root, cache = tmp_path / "data", tmp_path / "cache"
     good, _ = write_labelled_series(root / "a")
     missing_slices(root, good)
     first = ingest_site(root, cache_dir=cache)
     parsed = []
-    real_dcmread = dicom_series.dcmread
+    real_dcmread = dicom_headers.dcmread
     monkeypatch.setattr(
-        dicom_series, "dcmread", lambda source, **kw: parsed.append(1) or real_dcmread(source, **kw)
+        dicom_headers,
+        "dcmread",
+        lambda source, **kw: parsed.append(1) or real_dcmread(source, **kw),
     )
 
     second = ingest_site(root, cache_dir=cache)

@@ -21,10 +21,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from site_app.dicom_series import SeriesGeometry, SliceHeader, series_key
-from site_app.ingestion import IngestionResult, LabelledVolume, ingest_site
+from site_app.dicom_headers import SliceHeader
+from site_app.dicom_series import SeriesGeometry, series_key
+from site_app.ingestion import IngestionResult, ingest_site
 from site_app.nifti_labels import mask_on_series_grid
 from site_app.quarantine import QuarantineReason
+from site_app.volumes import LabelledVolume
 
 R = QuarantineReason
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -51,8 +51,9 @@ from simulator.dicom_writer import (
 )
 from simulator.phantom import PhantomSpec, make_phantom
 from simulator.site_profiles import RescaleConvention
-from site_app.ingestion import IngestionResult, LabelledVolume, ingest_site
+from site_app.ingestion import IngestionResult, ingest_site
 from site_app.quarantine import QuarantineReason
+from site_app.volumes import LabelledVolume
 from tests.site_app import dicom_factory
 
 SHAPE = (32, 32, 12)
