@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -45,6 +43,7 @@ from site_app.nifti_labels import (
     read_mask_file,
 )
 from site_app.quarantine import QuarantineEntry, QuarantineReason, sorted_entries
+from site_app.quiet_libraries import DICOM_LIBRARIES, libraries_silenced
 from site_app.seg_pairing import decode_seg_mask, pair_segs
 from site_app.volume_cache import VolumeCache, cache_key, require_cache_dir
 from site_app.volumes import LabelledVolume, PatientRecord, frozen_volume
@@ -235,23 +234,11 @@ def _track(items: Sequence[_T], description: str, enabled: bool) -> Iterable[_T]
     return track(items, description=description, console=Console(stderr=True))
 
 
-@contextmanager
-def dicom_libraries_silenced() -> Iterator[None]:
+def dicom_libraries_silenced():
     """Keep pydicom/highdicom warnings and log records out of logs and stderr while reading site
     data: their validation messages quote header values, which may be patient names, IDs or
-    dates. (Levels are raised on the library root loggers, which also covers their per-module
-    child loggers; what they would have said is reported by our own quarantine entries.)"""
-    library_loggers = [logging.getLogger("pydicom"), logging.getLogger("highdicom")]
-    saved_levels = [library_logger.level for library_logger in library_loggers]
-    for library_logger in library_loggers:
-        library_logger.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for library_logger, level in zip(library_loggers, saved_levels, strict=True):
-            library_logger.setLevel(level)
+    dates (``quiet_libraries``)."""
+    return libraries_silenced(*DICOM_LIBRARIES)
 
 
 # --- validation --------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ DICOM libraries' own log records and warnings, which quote them, out of the logs
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import requests
+
+from site_app.quiet_libraries import libraries_silenced
 
 if TYPE_CHECKING:
     from site_app.dicomweb_source import DicomwebSource
@@ -130,18 +130,7 @@ def disk_errors(out_dir: Path) -> Iterator[None]:
         ) from None
 
 
-@contextmanager
-def transport_quiet() -> Iterator[None]:
+def transport_quiet():
     """Keep dicomweb-client, urllib3, retrying and pydicom log records and warnings out of logs:
     they quote request URLs (which hold UIDs), retried tracebacks and header values."""
-    quiet = [logging.getLogger(name) for name in _TRANSPORT_LOGGERS]
-    saved = [each.level for each in quiet]
-    for each in quiet:
-        each.setLevel(logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for each, level in zip(quiet, saved, strict=True):
-            each.setLevel(level)
+    return libraries_silenced(*_TRANSPORT_LOGGERS)
