@@ -676,11 +676,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
     from jobs.spec import JobSpecError
+    from server_app.history import HistoryError
     from site_app.site_config import SiteConfigError
 
     user_errors = (
         _UserError,
         JobSpecError,
+        HistoryError,
         SiteConfigError,
         FileNotFoundError,
         FileExistsError,

@@ -64,7 +64,16 @@ def _final(site, dice, hd95, missing, subgroups):
 
 
 def _cross(model, site, dice):
-    return CrossSiteResult(model, 1, site, dice, 7.5, 0, 5, 6)
+    return CrossSiteResult(
+        model=model,
+        model_round=1,
+        site=site,
+        val_dice=dice,
+        val_hd95_mm=7.5,
+        val_hd95_missing=0,
+        val_lesion_volumes=5,
+        val_patients=6,
+    )
 
 
 def _history():
