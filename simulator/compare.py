@@ -43,7 +43,8 @@ from jobs import keys
 from jobs.model import initial_weights
 from jobs.spec import JobSpec, parse_spec
 from server_app.history import RunHistory, SiteRound
-from server_app.report import WEAK_EPSILON, write_report
+from server_app.report import write_report
+from server_app.report_build import WEAK_EPSILON
 from simulator.baselines import (
     SiteScore,
     SiteSplit,
