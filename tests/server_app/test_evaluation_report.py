@@ -14,7 +14,7 @@ from server_app.model_card import ModelCardError, fill_template
 from server_app.model_manifest import simulation_signer, write_signed_manifest
 from server_app.report import rebuild_report, write_report
 from server_app.report_build import largest_gaps, pool_subgroups
-from server_app.report_schema import SubgroupCell
+from server_app.report_schema import ReportError, SubgroupCell
 from tests.conftest import tiny_spec
 
 SPEC = tiny_spec().to_plain()
@@ -268,3 +268,16 @@ def test_the_default_model_card_template_ships_with_the_package():
     assert DEFAULT_TEMPLATE.is_file() and package in DEFAULT_TEMPLATE.parents
     # docs/ shows the same file (a link), so what researchers read is what fills the card.
     assert Path("docs/model-card-template.md").read_text() == DEFAULT_TEMPLATE.read_text()
+
+
+def test_rebuild_with_a_damaged_report_json_names_the_file_and_the_field(tmp_path):
+    results = _saved_results(tmp_path)
+    write_report(_history(), spec=SPEC, out_dir=results, wall_s=3.0)
+    saved = json.loads((results / "report.json").read_text())
+    saved["wall_time_s"] = "slow"
+    (results / "report.json").write_text(json.dumps(saved))
+    with pytest.raises(ReportError) as error:
+        rebuild_report(results)
+    message = str(error.value)
+    assert message.startswith(f"{results / 'report.json'}: 1 problem(s) in the report:")
+    assert "wall_time_s: Input should be a valid number" in message and "got 'slow'" in message
