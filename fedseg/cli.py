@@ -102,7 +102,9 @@ def _format_record(record: SiteRound) -> str:
 def _simulate_run(args: argparse.Namespace) -> None:
     from jobs.progress import progress_bar
     from jobs.spec import load_spec
-    from server_app.report import WEAK_EPSILON, final_table, write_report
+    from server_app.report import write_report
+    from server_app.report_build import WEAK_EPSILON
+    from server_app.report_render import final_table
     from simulator.federation import discover_sites, run_simulation
 
     spec = load_spec(args.spec)
@@ -146,9 +148,9 @@ def _simulate_run(args: argparse.Namespace) -> None:
         result.history, spec=spec.to_plain(), out_dir=result.out_dir, wall_s=result.wall_s
     )
     _print_table(final_table(report))
-    if report["stopped_reason"]:
-        console.print(f"[yellow]stopped early:[/yellow] {escape(report['stopped_reason'])}")
-    epsilons = [row["epsilon"] for row in report["per_site"] if row["epsilon"] is not None]
+    if report.stopped_reason:
+        console.print(f"[yellow]stopped early:[/yellow] {escape(report.stopped_reason)}")
+    epsilons = [row.epsilon for row in report.per_site if row.epsilon is not None]
     if epsilons and max(epsilons) > WEAK_EPSILON:
         console.print(
             f"[yellow]weak privacy:[/yellow] epsilon up to {max(epsilons):.1f} "
@@ -361,7 +363,9 @@ def _spec_check(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from server_app.model_card import ModelCardError
-    from server_app.report import ReportError, final_table, rebuild_report
+    from server_app.report import rebuild_report
+    from server_app.report_render import final_table
+    from server_app.report_schema import ReportError
 
     results = Path(args.results)
     try:
@@ -369,7 +373,7 @@ def _report(args: argparse.Namespace) -> None:
     except (ReportError, ModelCardError) as error:
         raise _UserError(str(error)) from None
     _print_table(final_table(report))
-    files = ["report.md", "report.json", "model_card.md", *report["plots"]]
+    files = ["report.md", "report.json", "model_card.md", *report.plots]
     console.print(f"rebuilt in {results}: {', '.join(files)}", markup=False)
 
 
@@ -646,11 +650,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
     from jobs.spec import JobSpecError
+    from server_app.history import HistoryError
     from site_app.site_config import SiteConfigError
 
     user_errors = (
         _UserError,
         JobSpecError,
+        HistoryError,
         SiteConfigError,
         FileNotFoundError,
         FileExistsError,

@@ -208,7 +208,8 @@ def _job_abort(args: argparse.Namespace) -> None:
 def _job_download(args: argparse.Namespace) -> None:
     from researcher_app.session import download
     from server_app.history import read_history
-    from server_app.report import final_table, write_report
+    from server_app.report import write_report
+    from server_app.report_render import final_table
 
     out = download(Path(args.kit), args.job_id, Path(args.out))
     history = read_history(out / "history.json")

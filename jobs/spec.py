@@ -14,6 +14,8 @@ from typing import Annotated, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs.validation_errors import format_validation_error
+
 __all__ = [
     "JobSpec",
     "JobSpecError",
@@ -273,21 +275,7 @@ class JobSpec(_Strict):
         return self.model_dump(mode="json")
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: {error.error_count()} problem(s) in the job spec:"]
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see jobs/specs/demo.yaml for every key)"
-        found = item.get("input")
-        found_text = "" if item["type"] in ("extra_forbidden", "missing") else f", got {found!r}"
-        if message.startswith(location):
-            lines.append(f"  - {message}")
-        else:
-            lines.append(f"  - {location}: {message}{found_text}")
-    lines.append(f"  fix the field(s) above in {source}")
-    return "\n".join(lines)
+_UNKNOWN_KEY = "unknown key (check the spelling; see jobs/specs/demo.yaml for every key)"
 
 
 def parse_spec(data: object, *, source: str = "job spec") -> JobSpec:
@@ -300,7 +288,14 @@ def parse_spec(data: object, *, source: str = "job spec") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as error:
-        raise JobSpecError(_format_errors(error, source)) from None
+        raise JobSpecError(
+            format_validation_error(
+                error,
+                source,
+                document="the job spec",
+                unknown_key=_UNKNOWN_KEY,
+            )
+        ) from None
 
 
 def load_spec(path: Path | str) -> JobSpec:

@@ -104,7 +104,7 @@ class FedSegController(ModelController):
 
     def _progress(self, record: SiteRound) -> None:
         with open(self._output_dir() / "progress.jsonl", "a") as stream:
-            stream.write(json.dumps(record.__dict__) + "\n")
+            stream.write(json.dumps(record.model_dump()) + "\n")
 
     def _collect(self, results: list[FLModel], round_index: int, sites: list[str], phase: str):
         records, updates = [], []

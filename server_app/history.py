@@ -1,23 +1,45 @@
 """The record of a federated run as the server saw it: per site, per round, plus final metrics.
 
-Plain data (JSON) so reports can be rebuilt from a saved run without FLARE.
+Typed records (pydantic, unknown keys rejected) saved as plain JSON (``history.json``), so
+reports can be rebuilt from a saved run without FLARE. The models are the file's schema: its
+keys are their fields, in this order. A file is validated once, when read; a bad one raises
+``HistoryError`` naming the file, each field, what was expected and what was found.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import keys
 from jobs.atomic_files import atomic_write
+from jobs.validation_errors import format_validation_error
 
-__all__ = ["CrossSiteResult", "RunHistory", "SiteRound", "read_history", "write_history"]
+__all__ = [
+    "CrossSiteResult",
+    "HistoryError",
+    "RunHistory",
+    "SiteRound",
+    "read_history",
+    "write_history",
+]
 
 
-@dataclass(frozen=True, kw_only=True)
-class SiteRound:
+class HistoryError(ValueError):
+    """A saved run history cannot be read; the message names the file and each bad field."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class SiteRound(_Record):
     """One site's report for one round (metrics of the model it received, then its training)."""
+
+    model_config = ConfigDict(frozen=True)
 
     site: str
     round: int
@@ -41,7 +63,7 @@ class SiteRound:
     """Held-out lesion volumes with an empty prediction: HD95 undefined, not averaged in."""
     val_lesion_volumes: int | None = None
     """Held-out volumes with a lesion: the volumes Dice is the mean over."""
-    subgroups: list[dict] | None = None
+    subgroups: list[dict[str, Any]] | None = None
     """Final phase only: the site's subgroup cells (``jobs.keys.CELL_*``); small cells never
     arrive (the site drops them)."""
     noise_multiplier: float | None = None
@@ -101,13 +123,14 @@ class SiteRound:
         return cls(site=site, round=round_index, missing=True, phase=phase, **unknown)
 
 
-@dataclass(frozen=True)
-class CrossSiteResult:
+class CrossSiteResult(_Record):
     """One cell of the cross-site matrix: ``model`` evaluated on ``site``'s held-out patients.
 
     ``model`` is ``jobs.keys.GLOBAL_MODEL`` for the final global model, else the site whose last
     local model (sent after round ``model_round``, 0-based) was evaluated.
     """
+
+    model_config = ConfigDict(frozen=True)
 
     model: str
     model_round: int | None
@@ -121,36 +144,46 @@ class CrossSiteResult:
     missing: bool = False
 
 
-@dataclass
-class RunHistory:
+class RunHistory(_Record):
+    """The whole run: written by the server's controller as it goes, read by the report."""
+
     job_name: str
     sites: list[str]
     rounds_planned: int
-    rounds: list[SiteRound] = field(default_factory=list)
-    final: list[SiteRound] = field(default_factory=list)
+    rounds: list[SiteRound] = Field(default_factory=list)
+    final: list[SiteRound] = Field(default_factory=list)
     """Validation of the final global model at each site (round == rounds completed)."""
     rounds_completed: int = 0
     best_round: int | None = None
     """Index of the global model with the best mean validation Dice (0 = untrained start)."""
     stopped_reason: str | None = None
-    cross_site: list[CrossSiteResult] = field(default_factory=list)
+    cross_site: list[CrossSiteResult] = Field(default_factory=list)
     """Every site's last local model (and the final global model) on every site's held-out
     patients."""
-    cross_site_not_shared: dict[str, str] = field(default_factory=dict)
+    cross_site_not_shared: dict[str, str] = Field(default_factory=dict)
     """Sites whose local model was not sent to other sites, with the reason."""
-    spec: dict | None = None
+    spec: dict[str, Any] | None = None
     """The job spec as plain data, so a report can be rebuilt from this file alone."""
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     @classmethod
-    def from_json(cls, data: dict) -> RunHistory:
-        data = dict(data)
-        data["rounds"] = [SiteRound(**item) for item in data["rounds"]]
-        data["final"] = [SiteRound(**item) for item in data["final"]]
-        data["cross_site"] = [CrossSiteResult(**item) for item in data.get("cross_site", [])]
-        return cls(**data)
+    def from_json(cls, data: object, *, source: str = "run history") -> RunHistory:
+        """Validate plain data (parsed history.json); ``source`` names it in a HistoryError."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise HistoryError(
+                format_validation_error(
+                    error,
+                    source,
+                    document="the run history",
+                    unknown_key="unknown key (not a field of this fedseg's run history)",
+                    fix="the file was edited or written by another fedseg version; restore it or "
+                    "re-run the job",
+                )
+            ) from None
 
 
 def write_history(history: RunHistory, path: Path) -> None:
@@ -159,4 +192,11 @@ def write_history(history: RunHistory, path: Path) -> None:
 
 
 def read_history(path: Path) -> RunHistory:
-    return RunHistory.from_json(json.loads(Path(path).read_text()))
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HistoryError(
+            f"{path}: not valid JSON ({error}); it is not a run history (history.json)"
+        ) from None
+    return RunHistory.from_json(data, source=str(path))

@@ -9,6 +9,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from server_app.history import RunHistory
+from server_app.report_schema import Subgroups
 
 __all__ = ["plot_dice", "plot_epsilon", "plot_subgroups"]
 
@@ -86,23 +87,21 @@ def plot_dice(history: RunHistory, path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def plot_subgroups(subgroups: dict, path: Path) -> Path | None:
+def plot_subgroups(subgroups: Subgroups, path: Path) -> Path | None:
     """Pooled Dice per subgroup, one panel per attribute; suppressed cells drawn as an empty bar
-    labelled ``<N``. ``subgroups`` is ``report["subgroups"]`` (see ``server_app.report``).
+    labelled ``<N``. ``subgroups`` is the report's (``server_app.report_schema``).
 
     Returns the written path, or None when no attribute has a cell to show.
     """
-    pooled = {(c["attribute"], c["value"]): c for c in subgroups["pooled"]}
-    panels = {a: v for a, v in subgroups["attributes"].items() if v}
+    pooled = {(c.attribute, c.value): c for c in subgroups.pooled}
+    panels = {a: v for a, v in subgroups.attributes.items() if v}
     if not panels or not pooled:
         return None
-    marker = f"<{subgroups['min_cell_size']}"
+    marker = f"<{subgroups.min_cell_size}"
     figure = Figure(figsize=(3.2 * len(panels), 3.6), dpi=100)
     axes = figure.subplots(1, len(panels), squeeze=False)
     for ax, (attribute, values) in zip(axes[0], panels.items(), strict=True):
-        heights = [
-            pooled[(attribute, v)]["dice"] if (attribute, v) in pooled else 0 for v in values
-        ]
+        heights = [pooled[(attribute, v)].dice if (attribute, v) in pooled else 0 for v in values]
         bars = ax.bar(range(len(values)), heights, color="tab:blue")
         for bar, value in zip(bars, values, strict=True):
             cell = pooled.get((attribute, value))
@@ -114,7 +113,7 @@ def plot_subgroups(subgroups: dict, path: Path) -> Path | None:
                 ax.text(
                     bar.get_x() + bar.get_width() / 2,
                     bar.get_height() + 0.02,
-                    f"n={cell['n']}",
+                    f"n={cell.n}",
                     ha="center",
                     fontsize=8,
                 )

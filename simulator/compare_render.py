@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from server_app.report import WEAK_EPSILON
+from server_app.report_build import WEAK_EPSILON
 from simulator.baselines import SiteScore
 from simulator.compare_plots import plot_privacy_utility
 from simulator.compare_results import (

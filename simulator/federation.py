@@ -142,7 +142,7 @@ def _tail_progress(
                 stream.seek(offset)
                 for line in stream:
                     if line.endswith("\n"):
-                        on_record(SiteRound(**json.loads(line)))
+                        on_record(SiteRound.model_validate(json.loads(line)))
                         offset += len(line.encode())
                     else:
                         break

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.atomic_files import atomic_write
+from jobs.validation_errors import format_validation_error
 from site_app.data_summary import summarize
 from site_app.ingestion import IngestionResult
 from site_app.volumes import LabelledVolume
@@ -236,10 +237,14 @@ def read_fingerprint(path: Path) -> DataFingerprint:
     try:
         return DataFingerprint.model_validate(document)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
-        )
-        raise FingerprintError(f"{path}: {problems}; the file was edited or damaged") from None
+        raise FingerprintError(
+            format_validation_error(
+                error,
+                str(path),
+                document="the data fingerprint",
+                fix="the file was edited or damaged; a job run with this fedseg writes a new one",
+            )
+        ) from None
 
 
 def job_fingerprints(private_dir: Path) -> list[Path]:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.kit_layout import SITE_CONFIG_FILE
+from jobs.validation_errors import format_validation_error
 from site_app.policy import PrivacyPolicy
 
 __all__ = [
@@ -65,10 +66,9 @@ def load_site_config(path: Path | str) -> SiteConfig:
     except yaml.YAMLError as error:
         raise SiteConfigError(f"{path}: not valid YAML ({error}); fix the syntax") from None
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
-        )
-        raise SiteConfigError(f"{path}: {problems}; fix the field(s) in that file") from None
+        raise SiteConfigError(
+            format_validation_error(error, str(path), document="the site config")
+        ) from None
     # Relative paths are relative to the config file, never to wherever the site was started.
     relative = {
         name: (path.parent / value).resolve()

@@ -59,7 +59,7 @@ def test_the_default_spec_runs_end_to_end_through_the_session_api(poc, tmp_path)
     assert history.rounds_completed == 2
     assert (out / "models" / "final_model.pt").is_file()
     assert (out / "models" / "global_model_round_2.pt").is_file()
-    report = write_report(history, spec=history.spec, out_dir=out)
+    report = write_report(history, spec=history.spec, out_dir=out).to_json()
     assert sorted(row["site"] for row in report["per_site"]) == ["site-1", "site-2"]
     # Each site's own epsilon (the sites' released counts, and so their rates, differ).
     by_site = {site.site: site.epsilon for site in status.sites}
@@ -219,7 +219,7 @@ def test_a_killed_site_is_marked_missing_and_a_restarted_site_rejoins(poc):
     first_missing = site_2_missing[0] if site_2_missing else rounds
     assert 1 <= first_missing <= aggregated_at_kill + 1, (aggregated_at_kill, site_2_missing)
     assert site_2_missing == list(range(first_missing, rounds))
-    report = write_report(history, spec=history.spec, out_dir=workspace / "fault_report")
+    report = write_report(history, spec=history.spec, out_dir=workspace / "fault_report").to_json()
     assert report["missing"] == [{"site": "site-2", "round": k} for k in site_2_missing]
 
     # The restarted site is back in the federation and takes part in the next job. (FLARE does

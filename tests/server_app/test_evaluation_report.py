@@ -12,7 +12,9 @@ from jobs import keys
 from server_app.history import CrossSiteResult, RunHistory, SiteRound, write_history
 from server_app.model_card import ModelCardError, fill_template
 from server_app.model_manifest import simulation_signer, write_signed_manifest
-from server_app.report import largest_gaps, pool_subgroups, rebuild_report, write_report
+from server_app.report import rebuild_report, write_report
+from server_app.report_build import largest_gaps, pool_subgroups
+from server_app.report_schema import ReportError, SubgroupCell
 from tests.conftest import tiny_spec
 
 SPEC = tiny_spec().to_plain()
@@ -64,7 +66,16 @@ def _final(site, dice, hd95, missing, subgroups):
 
 
 def _cross(model, site, dice):
-    return CrossSiteResult(model, 1, site, dice, 7.5, 0, 5, 6)
+    return CrossSiteResult(
+        model=model,
+        model_round=1,
+        site=site,
+        val_dice=dice,
+        val_hd95_mm=7.5,
+        val_hd95_missing=0,
+        val_lesion_volumes=5,
+        val_patients=6,
+    )
 
 
 def _history():
@@ -107,7 +118,7 @@ def _history():
 
 
 def test_final_hd95_and_its_undefined_count_are_reported_per_site(tmp_path):
-    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path).to_json()
     rows = {row["site"]: row for row in report["per_site"]}
     assert rows["site-1"]["final_hd95_mm"] == 6.25 and rows["site-1"]["final_hd95_missing"] == 1
     assert rows["site-2"]["train_patients"] == 20
@@ -117,7 +128,7 @@ def test_final_hd95_and_its_undefined_count_are_reported_per_site(tmp_path):
 
 
 def test_cross_site_matrix_has_global_and_every_local_model_at_every_site(tmp_path):
-    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path).to_json()
     cross = report["cross_site"]
     assert cross["models"] == ["global", "site-1", "site-2"]
     cells = {(c["model"], c["site"]): c for c in cross["cells"]}
@@ -130,7 +141,7 @@ def test_cross_site_matrix_has_global_and_every_local_model_at_every_site(tmp_pa
 
 
 def test_subgroups_are_pooled_by_patients_and_suppressed_cells_shown_as_below_minimum(tmp_path):
-    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path).to_json()
     pooled = {(c["attribute"], c["value"]): c for c in report["subgroups"]["pooled"]}
     female = pooled[(keys.SEX, "female")]
     assert female["n"] == 11 and female["sites"] == ["site-1", "site-2"]
@@ -150,17 +161,17 @@ def test_subgroups_are_pooled_by_patients_and_suppressed_cells_shown_as_below_mi
 def test_unknown_values_do_not_count_as_a_subgroup_gap():
     pooled = pool_subgroups(
         [
-            {"site": "a", "attribute": "sex", "value": "female", "n": 5, "dice": 0.5}
-            | {"hd95_mm": None, "n_hd95": None},
-            {"site": "a", "attribute": "sex", "value": "unknown", "n": 5, "dice": 0.1}
-            | {"hd95_mm": None, "n_hd95": None},
+            SubgroupCell(
+                site="a", attribute="sex", value=value, n=5, dice=dice, hd95_mm=None, n_hd95=None
+            )
+            for value, dice in (("female", 0.5), ("unknown", 0.1))
         ]
     )
     assert largest_gaps(pooled) == []
 
 
 def test_plots_are_written_and_linked(tmp_path):
-    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path).to_json()
     assert report["plots"] == ["dice_per_round.png", "epsilon_per_round.png", "subgroup_dice.png"]
     markdown = (tmp_path / "report.md").read_text()
     for name in report["plots"]:
@@ -257,3 +268,16 @@ def test_the_default_model_card_template_ships_with_the_package():
     assert DEFAULT_TEMPLATE.is_file() and package in DEFAULT_TEMPLATE.parents
     # docs/ shows the same file (a link), so what researchers read is what fills the card.
     assert Path("docs/model-card-template.md").read_text() == DEFAULT_TEMPLATE.read_text()
+
+
+def test_rebuild_with_a_damaged_report_json_names_the_file_and_the_field(tmp_path):
+    results = _saved_results(tmp_path)
+    write_report(_history(), spec=SPEC, out_dir=results, wall_s=3.0)
+    saved = json.loads((results / "report.json").read_text())
+    saved["wall_time_s"] = "slow"
+    (results / "report.json").write_text(json.dumps(saved))
+    with pytest.raises(ReportError) as error:
+        rebuild_report(results)
+    message = str(error.value)
+    assert message.startswith(f"{results / 'report.json'}: 1 problem(s) in the report:")
+    assert "wall_time_s: Input should be a valid number" in message and "got 'slow'" in message

@@ -69,7 +69,7 @@ def _history():
 
 
 def test_report_has_untrained_and_final_dice_and_last_epsilon_per_site(tmp_path):
-    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path).to_json()
     rows = {row["site"]: row for row in report["per_site"]}
     assert rows["site-1"]["untrained_dice"] == 0.01 and rows["site-1"]["final_dice"] == 0.5
     assert rows["site-2"]["epsilon"] == 12.0
@@ -98,7 +98,7 @@ def test_no_weak_privacy_warning_when_dp_is_strong_enough(tmp_path):
 
 
 def test_epsilon_plot_is_written_and_linked(tmp_path):
-    report = write_report(_history(), spec=SPEC, out_dir=tmp_path)
+    report = write_report(_history(), spec=SPEC, out_dir=tmp_path).to_json()
     png = tmp_path / "epsilon_per_round.png"
     assert png.name in report["plots"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -121,7 +121,7 @@ def test_no_plot_without_dp(tmp_path):
         )
         for r in history.rounds
     ]
-    report = write_report(history, spec={"privacy": {"enabled": False}}, out_dir=tmp_path)
+    report = write_report(history, spec={"privacy": {"enabled": False}}, out_dir=tmp_path).to_json()
     assert "epsilon_per_round.png" not in report["plots"]
     assert not (tmp_path / "epsilon_per_round.png").exists()
 
@@ -140,7 +140,7 @@ def test_budget_left_is_reported_per_site(tmp_path):
         delta=1e-5,
         budget_left=6.5,
     )
-    report = write_report(history, spec=SPEC, out_dir=tmp_path)
+    report = write_report(history, spec=SPEC, out_dir=tmp_path).to_json()
     rows = {row["site"]: row for row in report["per_site"]}
     assert rows["site-1"]["budget_left"] == 6.5 and rows["site-2"]["budget_left"] is None
     assert "| 6.50 |" in (tmp_path / "report.md").read_text()

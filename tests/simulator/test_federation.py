@@ -66,7 +66,9 @@ def test_the_job_ships_no_custom_code(first_run):
 def test_report_is_written_and_names_every_site(first_run):
     from server_app.report import write_report
 
-    report = write_report(first_run.history, spec=tiny_spec().to_plain(), out_dir=first_run.out_dir)
+    report = write_report(
+        first_run.history, spec=tiny_spec().to_plain(), out_dir=first_run.out_dir
+    ).to_json()
     saved = json.loads((first_run.out_dir / "report.json").read_text())
     assert saved["per_site"] == report["per_site"]
     assert [row["site"] for row in saved["per_site"]] == ["site-1", "site-2"]

@@ -3,7 +3,9 @@
 
 import os
 
-from site_app.site_config import load_site_config, site_private_dir
+import pytest
+
+from site_app.site_config import SiteConfigError, load_site_config, site_private_dir
 
 
 def test_relative_paths_are_relative_to_the_config_file_not_the_working_directory(
@@ -77,3 +79,17 @@ def test_the_ledger_and_key_named_relatively_land_beside_the_config_wherever_the
     ]
     assert list(elsewhere.iterdir()) == []
     assert config.cache_dir == (local / "cache").resolve()
+
+
+def test_a_bad_field_names_the_file_the_field_what_was_expected_and_what_was_found(tmp_path):
+    path = tmp_path / "fedseg_site.yaml"
+    path.write_text("data_dir: /data\nnum_threads: -2\ncache_dri: cache\n")
+    with pytest.raises(SiteConfigError) as error:
+        load_site_config(path)
+    lines = str(error.value).splitlines()
+    assert lines == [
+        f"{path}: 2 problem(s) in the site config:",
+        "  - num_threads: Input should be greater than or equal to 0, got -2",
+        "  - cache_dri: unknown key (check the spelling)",
+        f"  fix the field(s) above in {path}",
+    ]
