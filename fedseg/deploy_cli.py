@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.text_tables import format_number
+
 console = Console(soft_wrap=True, emoji=False)  # ":CD:" in a fingerprint is not an emoji code
 
 # -- provision -----------------------------------------------------------------------------------
@@ -154,10 +156,6 @@ def _job_list(args: argparse.Namespace) -> None:
     console.print(table)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _job_status(args: argparse.Namespace) -> int:
     from researcher_app.session import job_status
 
@@ -181,9 +179,9 @@ def _job_status(args: argparse.Namespace) -> int:
             table.add_row(
                 escape(site.site),
                 "-" if site.last_round is None else str(site.last_round + 1),
-                _fmt(site.val_dice),
-                _fmt(site.epsilon, 2),
-                _fmt(site.budget_left, 2),
+                format_number(site.val_dice),
+                format_number(site.epsilon, 2),
+                format_number(site.budget_left, 2),
                 escape("; ".join(notes)),
             )
         console.print(table)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from jobs.text_tables import format_number, markdown_table
 from server_app.report_build import WEAK_EPSILON
-from server_app.report_render import cross_site_table, format_number, markdown_table, subgroup_table
+from server_app.report_render import cross_site_table, subgroup_table
 from server_app.report_schema import ModelSummary, Report
 
 __all__ = ["DEFAULT_TEMPLATE", "ModelCardError", "fill_template", "model_card", "write_model_card"]

@@ -4,12 +4,11 @@ the number formatting they share. Pure: a ``Report`` (``server_app.report_schema
 
 from __future__ import annotations
 
-import math
-
 from rich.markup import escape
 from rich.table import Table
 
 from jobs import keys
+from jobs.text_tables import format_number, markdown_table
 from server_app.history import SiteRound
 from server_app.report_build import WEAK_EPSILON
 from server_app.report_schema import Report
@@ -29,18 +28,6 @@ __all__ = [
 EPSILON_PLOT = "epsilon_per_round.png"
 DICE_PLOT = "dice_per_round.png"
 SUBGROUP_PLOT = "subgroup_dice.png"
-
-
-def format_number(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _count(value: int | None) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.text_tables import format_number, markdown_table
 from server_app.report_build import WEAK_EPSILON
 from simulator.baselines import SiteScore
 from simulator.compare_plots import plot_privacy_utility
@@ -28,12 +29,8 @@ from simulator.compare_results import (
 __all__ = ["comparison_table", "ratio_lines", "sweep_table", "write_comparison"]
 
 
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
 def _hd95_cell(score: SiteScore) -> str:
-    text = _num(score.hd95_mm, 1)
+    text = format_number(score.hd95_mm, 1)
     return f"{text} ({score.hd95_missing} empty)" if score.hd95_missing else text
 
 
@@ -47,12 +44,12 @@ def _table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
         by_site = {s.site: s for s in row.scores}
         cells = [row.label]
         for site in comparison.sites:
-            cells += [_num(by_site[site].dice), _hd95_cell(by_site[site])]
+            cells += [format_number(by_site[site].dice), _hd95_cell(by_site[site])]
         epsilons = [s.epsilon for s in row.scores]
         cells += [
-            _num(row.mean_dice),
-            _num(row.mean_hd95_mm, 1),
-            "-" if row.max_epsilon is None else " / ".join(_num(e, 2) for e in epsilons),
+            format_number(row.mean_dice),
+            format_number(row.mean_hd95_mm, 1),
+            "-" if row.max_epsilon is None else " / ".join(format_number(e, 2) for e in epsilons),
             str(row.steps),
             f"{row.wall_s:.0f}",
         ]
@@ -66,8 +63,8 @@ def ratio_lines(comparison: Comparison) -> list[str]:
     dp = comparison.row(Method.FEDAVG_DP)
     dp_eps = "" if dp is None or dp.max_epsilon is None else f" (epsilon ≤ {dp.max_epsilon:.2f})"
     lines = [
-        f"FedAvg / pooled mean Dice: {_num(ratios['fedavg_over_pooled'])} (goal ≥ 0.95)",
-        f"FedAvg + DP / FedAvg mean Dice: {_num(ratios['dp_over_fedavg'])}{dp_eps} "
+        f"FedAvg / pooled mean Dice: {format_number(ratios['fedavg_over_pooled'])} (goal ≥ 0.95)",
+        f"FedAvg + DP / FedAvg mean Dice: {format_number(ratios['dp_over_fedavg'])}{dp_eps} "
         "(goal ≥ 0.93 at epsilon ≤ 8 per site)",
     ]
     difference = ratios["fedavg_minus_local_only"]
@@ -102,9 +99,9 @@ def _sweep_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     rows = [
         [
             "inf (DP off)" if math.isinf(p.target_epsilon) else f"{p.target_epsilon:g}",
-            _num(p.result.max_epsilon, 2),
-            _num(p.result.mean_dice),
-            _num(p.result.mean_hd95_mm, 1),
+            format_number(p.result.max_epsilon, 2),
+            format_number(p.result.mean_dice),
+            format_number(p.result.mean_hd95_mm, 1),
             p.result.run_dir,
         ]
         for p in comparison.sweep
@@ -124,10 +121,13 @@ def comparison_table(comparison: Comparison) -> Table:
         by_site = {s.site: s for s in row.scores}
         table.add_row(
             escape(row.label),
-            *(f"{_num(by_site[s].dice)} | {_hd95_cell(by_site[s])}" for s in comparison.sites),
-            _num(row.mean_dice),
-            _num(row.mean_hd95_mm, 1),
-            _num(row.max_epsilon, 2),
+            *(
+                f"{format_number(by_site[s].dice)} | {_hd95_cell(by_site[s])}"
+                for s in comparison.sites
+            ),
+            format_number(row.mean_dice),
+            format_number(row.mean_hd95_mm, 1),
+            format_number(row.max_epsilon, 2),
             str(row.steps),
             f"{row.wall_s:.0f}",
         )
@@ -142,11 +142,6 @@ def sweep_table(comparison: Comparison) -> Table:
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
     return table
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _markdown(comparison: Comparison) -> str:
@@ -177,7 +172,7 @@ def _markdown(comparison: Comparison) -> str:
             "little formal protection"
         )
     header, rows = _table_rows(comparison)
-    parts += ["", _markdown_table(header, rows), ""]
+    parts += ["", markdown_table(header, rows), ""]
     parts += [f"- {line}" for line in ratio_lines(comparison)]
     if comparison.sweep:
         header, rows = _sweep_rows(comparison)
@@ -189,7 +184,7 @@ def _markdown(comparison: Comparison) -> str:
             "site's noise is derived from it and its own patient count); inf = DP off. A "
             "target whose run is already above is not run twice (same spec and seed).",
             "",
-            _markdown_table(header, rows),
+            markdown_table(header, rows),
             "",
             f"![privacy-utility](../{SWEEP_FOLDER}/{PRIVACY_UTILITY_PLOT})",
         ]
