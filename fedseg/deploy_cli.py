@@ -10,13 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedseg.terminal import console
 from jobs.text_tables import format_number
-
-console = Console(soft_wrap=True, emoji=False)  # ":CD:" in a fingerprint is not an emoji code
 
 # -- provision -----------------------------------------------------------------------------------
 

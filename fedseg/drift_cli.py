@@ -12,15 +12,14 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from fedseg.terminal import UserError, console, print_table
 
 if TYPE_CHECKING:  # imported lazily, so `fedseg --help` stays fast
     from site_app.drift import DriftReport, FeatureDrift
 
-console = Console(soft_wrap=True, emoji=False)
-error_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 _PNG_METADATA = {"Software": None}  # the bytes do not depend on the matplotlib version
 
@@ -261,22 +260,21 @@ def plot_drift(report: DriftReport, path: Path) -> Path:
 
 
 def _site_drift(args: argparse.Namespace) -> int:
-    from fedseg.cli import _print_table, _UserError
     from site_app.drift import DriftThresholds, compare_fingerprints
     from site_app.fingerprint import FingerprintError, fingerprint_of, read_fingerprint
     from site_app.ingestion import ingest_site
 
-    sources = _sources(args, _UserError)
+    sources = _sources(args, UserError)
     try:
         reference = read_fingerprint(sources.fingerprint)
     except FingerprintError as error:
-        raise _UserError(str(error)) from None
+        raise UserError(str(error)) from None
     thresholds = DriftThresholds(**dict(args.threshold))
     try:
         result = ingest_site(sources.data_dir, cache_dir=sources.cache_dir, progress=True)
         current = fingerprint_of(result, job="current")
     except (ValueError, FingerprintError) as error:
-        raise _UserError(f"{sources.data_dir}: {error}") from None
+        raise UserError(f"{sources.data_dir}: {error}") from None
     report = compare_fingerprints(reference, current, thresholds)
 
     console.print(f"job's data: {sources.fingerprint}", markup=False, highlight=False)
@@ -286,7 +284,7 @@ def _site_drift(args: argparse.Namespace) -> int:
         markup=False,
         highlight=False,
     )
-    _print_table(drift_table(report))
+    print_table(drift_table(report))
     if args.plot:
         plot = plot_drift(report, Path(args.plot))
         console.print(f"plot: {plot}", markup=False, highlight=False)

@@ -14,11 +14,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
-console = Console(soft_wrap=True, emoji=False)
-error_console = Console(stderr=True, soft_wrap=True, emoji=False)
+from fedseg.terminal import UserError, console, error_console
 
 PACS_FOLDER = ".fedseg-pacs"
 """Under ``--out``: the studies fetched with ``--dicomweb`` (kept, so a rerun fetches nothing)."""
@@ -172,15 +170,14 @@ def _describe_outcome(index: int, total: int, outcome) -> str:
 
 
 def _site_infer(args: argparse.Namespace) -> int:
-    from fedseg.cli import _UserError
     from site_app.dicomweb_source import StudySelection
     from site_app.inference import InferenceError, run_inference
     from site_app.pacs_errors import PacsImportError
     from site_app.pacs_import import import_from_dicomweb
     from site_app.seg_writer import SegStoreError, store_segs
 
-    _check_arguments(args, _UserError)
-    model = _verified_model(args, _UserError)  # first: before any patient data is read
+    _check_arguments(args, UserError)
+    model = _verified_model(args, UserError)  # first: before any patient data is read
     if model is None:
         return 1
     import torch
@@ -216,7 +213,7 @@ def _site_infer(args: argparse.Namespace) -> int:
         )
         stored = store_segs(source, result.written) if args.store and result.written else []
     except (InferenceError, PacsImportError, SegStoreError) as error:
-        raise _UserError(str(error)) from None
+        raise UserError(str(error)) from None
 
     console.print(
         f"[green]wrote[/green] {len(result.written)} SEG(s) to {escape(str(out))} for "

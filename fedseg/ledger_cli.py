@@ -11,15 +11,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedseg.terminal import console, error_console
+
 if TYPE_CHECKING:  # imported lazily, so `fedseg --help` stays fast
     from site_app.ledger import EpsilonLedger
-
-console = Console(soft_wrap=True, emoji=False)
-error_console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def ledger_table(ledger: EpsilonLedger, *, budget: float | None) -> Table:

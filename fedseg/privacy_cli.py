@@ -13,11 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
-console = Console(soft_wrap=True, emoji=False)
-
+from fedseg.terminal import console, print_table
 
 # -- simulate pretrain ---------------------------------------------------------------------------
 
@@ -107,9 +105,8 @@ def _plan(args: argparse.Namespace) -> int:
         plan = plan_privacy(spec, patients=args.patients)
     except PlanError as error:
         raise ValueError(str(error)) from None
-    from fedseg.cli import _print_table
 
-    _print_table(plan_table(plan))
+    print_table(plan_table(plan))
     for line in plan.notes:
         console.print(f"note: {line}", markup=False)
     return 0

@@ -85,7 +85,8 @@ def test_a_redirected_results_table_is_printed_whole(capsys):
     """Into a log file rich would squeeze 12 columns into 80 and cut the numbers to '0.4…'."""
     from rich.table import Table
 
-    from fedseg.cli import _print_table, console
+    from fedseg.terminal import console
+    from fedseg.terminal import print_table as _print_table
 
     table = Table(*[f"site-{i} Dice | HD95 mm" for i in range(12)])
     table.add_row(*[f"0.{i:03d} | 123.4" for i in range(12)])
@@ -109,7 +110,8 @@ def test_an_error_message_with_brackets_arrives_intact(tmp_path, capsys):
 
 
 def test_a_refusal_reason_and_a_site_name_with_brackets_are_printed_intact(capsys):
-    from fedseg.cli import _format_record, console
+    from fedseg.simulate_cli import _format_record
+    from fedseg.terminal import console
     from server_app.history import SiteRound
 
     empty = dict(val_dice=None, val_patients=None, num_patients=None, num_steps=None)
