@@ -15,9 +15,11 @@ from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
+from jobs.spec import GradSampleMode
+
 __all__ = ["GROUPED", "wrap_private"]
 
-GROUPED = "grouped"
+GROUPED = GradSampleMode.GROUPED
 """fedseg's per-sample-gradient mode: Opacus's hooks mode with the samplers below for
 convolutions and PReLU (measured in benchmarks/dp_overhead.py; docs/performance.md)."""
 
@@ -121,7 +123,7 @@ _GROUPED_LAYERS = (
 )
 
 
-def wrap_private(engine: PrivacyEngine, *, grad_sample_mode: str, **make_private_args):
+def wrap_private(engine: PrivacyEngine, *, grad_sample_mode: GradSampleMode, **make_private_args):
     """``engine.make_private`` for an Opacus mode or for fedseg's ``GROUPED`` mode.
 
     GROUPED runs Opacus's "hooks" mode and gives the returned GradSampleModule its own sampler

@@ -21,7 +21,7 @@ from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader
 
 from jobs.atomic_files import atomic_write
-from jobs.spec import PrivacySpec
+from jobs.spec import Accountant, GradSampleMode, PrivacySpec
 from site_app.dp_samplers import wrap_private
 
 __all__ = [
@@ -65,8 +65,8 @@ class DPSettings:
     count_noise_std: float
     """Std of that noise, in patients (the count has sensitivity 1)."""
     delta: float
-    accountant: str
-    grad_sample_mode: str
+    accountant: Accountant
+    grad_sample_mode: GradSampleMode
     secure_noise: bool = True
     """Opacus's floating-point-safe noise (four samples per value); off only in benchmarks."""
 
@@ -100,7 +100,7 @@ def _calibrated_noise(
     before: list[HistoryEntry],
     sample_rate: float,
     steps: int,
-    accountant: str,
+    accountant: Accountant,
 ) -> float:
     """The smallest noise multiplier (to 0.1%) whose job epsilon, after ``before``, is at most
     ``target``: a bisection on the accountant itself, so the target is never exceeded."""
@@ -182,7 +182,7 @@ def dp_loader(dataset, settings: DPSettings, *, generator: torch.Generator) -> D
     return loader
 
 
-def epsilon_spent(history: list[HistoryEntry], *, accountant: str, delta: float) -> float:
+def epsilon_spent(history: list[HistoryEntry], *, accountant: Accountant, delta: float) -> float:
     """Epsilon of everything in ``history`` (0.0 when nothing has been spent)."""
     if not history:
         return 0.0

@@ -16,7 +16,7 @@ import torch
 from monai.losses import DiceLoss
 from torch import nn
 
-from jobs.spec import Optimizer, TrainingSpec
+from jobs.spec import LrSchedule, Optimizer, TrainingSpec
 
 __all__ = [
     "SITES_SHARING_DEVICE_ENV",
@@ -217,7 +217,7 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def scheduled_lr(base_lr: float, schedule: str, *, epoch: int, total_epochs: int) -> float:
+def scheduled_lr(base_lr: float, schedule: LrSchedule, *, epoch: int, total_epochs: int) -> float:
     """Learning rate for epoch ``epoch`` (0-based) of a job of ``total_epochs`` epochs.
 
     ``constant`` keeps ``base_lr``; ``cosine`` is ``base_lr * (1 + cos(pi * epoch / total)) / 2``:
@@ -225,9 +225,9 @@ def scheduled_lr(base_lr: float, schedule: str, *, epoch: int, total_epochs: int
     """
     if total_epochs < 1 or not 0 <= epoch < total_epochs:
         raise ValueError(f"scheduled_lr: epoch {epoch} is outside 0..{total_epochs - 1}")
-    if schedule == "constant":
+    if schedule == LrSchedule.CONSTANT:
         return base_lr
-    if schedule == "cosine":
+    if schedule == LrSchedule.COSINE:
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / total_epochs))
     raise ValueError(f"scheduled_lr: unknown schedule {schedule!r} (constant | cosine)")
 
