@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from fedseg.pacs_options import add_connection_options, dicomweb_source
 from fedseg.terminal import UserError, console, error_console, int_at_least, print_table
 
 # Domain packages are imported inside the handlers, so `fedseg --help` stays fast.
@@ -71,7 +72,6 @@ def _site_check(args: argparse.Namespace) -> int | None:
 
 def _site_import(args: argparse.Namespace) -> None:
     from site_app.dicomweb_source import (
-        DicomwebSource,
         ImportLimits,
         StudySelection,
         limit_flags,
@@ -80,14 +80,7 @@ def _site_import(args: argparse.Namespace) -> None:
     from site_app.pacs_import import import_from_dicomweb
 
     try:
-        source = DicomwebSource(
-            url=args.dicomweb,
-            username=args.username,
-            password_env=args.password_env,
-            ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
-            timeout_s=args.timeout,
-            allow_insecure_http=args.allow_insecure_http,
-        )
+        source = dicomweb_source(args)
         selection = StudySelection(study_uids=tuple(args.study), modality=args.modality)
         given = {
             name: getattr(args, flag.removeprefix("--").replace("-", "_")) * unit
@@ -272,27 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="StudyInstanceUID to import (repeatable)",
     )
     pacs.add_argument("--modality", metavar="CODE", help="only studies holding it, e.g. CT")
-    pacs.add_argument("--username", metavar="USER", help="HTTP basic-auth user")
-    pacs.add_argument(
-        "--password-env", metavar="VAR", help="environment variable holding the password"
-    )
-    pacs.add_argument(
-        "--ca-bundle", metavar="PEM", help="the CA that signed the PACS's https certificate"
-    )
-    pacs.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="seconds per answer (30)"
-    )
+    add_connection_options(pacs)
     pacs.add_argument(
         "--max-instances",
         type=int_at_least(1),
         metavar="N",
         help="fetch at most N instances in this run (import in batches)",
-    )
-    pacs.add_argument(
-        "--allow-insecure-http",
-        action="store_true",
-        help="allow --username over plain http to another machine (the password crosses the "
-        "network in clear); only for a link protected otherwise, e.g. a VPN",
     )
     caps = pacs.add_argument_group(
         "limits on what the PACS may send (past one the import stops; files written stay)"

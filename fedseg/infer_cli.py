@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from fedseg.pacs_options import add_connection_options, dicomweb_source
 from fedseg.terminal import UserError, console, error_console
 
 PACS_FOLDER = ".fedseg-pacs"
@@ -119,19 +120,6 @@ def _verified_model(args: argparse.Namespace, user_error: type[Exception]):
 # -- the command ---------------------------------------------------------------------------------
 
 
-def _source(args: argparse.Namespace):
-    from site_app.dicomweb_source import DicomwebSource
-
-    return DicomwebSource(
-        url=args.dicomweb,
-        username=args.username,
-        password_env=args.password_env,
-        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
-        timeout_s=args.timeout,
-        allow_insecure_http=args.allow_insecure_http,
-    )
-
-
 def _check_arguments(args: argparse.Namespace, user_error: type[Exception]) -> None:
     if args.store and not args.dicomweb:
         raise user_error(
@@ -186,7 +174,7 @@ def _site_infer(args: argparse.Namespace) -> int:
     source = None
     try:
         if args.dicomweb:
-            source = _source(args)
+            source = dicomweb_source(args)
             data = out / PACS_FOLDER
             summary = import_from_dicomweb(
                 source,
@@ -302,20 +290,5 @@ def register(site_commands: argparse._SubParsersAction, int_at_least) -> None:
         action="store_true",
         help="with --dicomweb: store each SEG in that PACS (STOW-RS) and read it back",
     )
-    infer.add_argument("--username", metavar="USER", help="HTTP basic-auth user for the PACS")
-    infer.add_argument(
-        "--password-env", metavar="VAR", help="environment variable holding the password"
-    )
-    infer.add_argument(
-        "--ca-bundle", metavar="PEM", help="the CA that signed the PACS's https certificate"
-    )
-    infer.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="seconds per answer (30)"
-    )
-    infer.add_argument(
-        "--allow-insecure-http",
-        action="store_true",
-        help="allow --username over plain http to another machine (the password crosses the "
-        "network in clear); only for a link protected otherwise, e.g. a VPN",
-    )
+    add_connection_options(infer)
     infer.set_defaults(handler=_site_infer)
