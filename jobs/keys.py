@@ -1,6 +1,7 @@
 """Names of everything that crosses the wire between sites and server, in one place.
 
-Both sides import these; no key is spelled as a string literal anywhere else.
+Both sides import these; no key is spelled as a string literal anywhere else. The metadata
+itself is built and read through the typed records of ``jobs.messages``.
 """
 
 TASK_TRAIN = "train"

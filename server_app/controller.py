@@ -20,11 +20,18 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from jobs import keys
 from jobs.components import SERVER_CONTROLLER, has_variable_references, written_args
+from jobs.messages import MessageError, SiteResultMeta, TaskMeta, result_site
 from jobs.model import ModelInitError, initial_weights, numpy_to_state
 from jobs.spec import parse_spec
 from jobs.transfer import pack_weights, unpack_weights, weight_layout
 from server_app.aggregation import SiteUpdate, fed_avg, server_step
-from server_app.history import CrossSiteResult, RunHistory, SiteRound, write_history
+from server_app.history import (
+    CrossSiteResult,
+    RoundPhase,
+    RunHistory,
+    SiteRound,
+    write_history,
+)
 from server_app.model_manifest import (
     load_provisioned_signer,
     simulation_signer,
@@ -106,14 +113,30 @@ class FedSegController(ModelController):
         with open(self._output_dir() / "progress.jsonl", "a") as stream:
             stream.write(json.dumps(record.model_dump()) + "\n")
 
-    def _collect(self, results: list[FLModel], round_index: int, sites: list[str], phase: str):
-        records, updates = [], []
+    def _rejected(self, error: MessageError) -> str:
+        """Why a site's result was not accepted (its metadata is untrusted input)."""
+        reason = f"the server rejected the result: {error}"
+        self.warning(reason)
+        return reason
+
+    def _collect(
+        self, results: list[FLModel], round_index: int, sites: list[str], phase: RoundPhase
+    ) -> tuple[list[SiteRound], list[SiteUpdate], dict[str, bool | None]]:
+        """Each site's record of the round, the updates to aggregate, and whether each site
+        allows its update to go to other sites (``keys.LOCAL_MODEL_SHAREABLE``)."""
+        records, updates, shareable = [], [], {}
         responded = set()
         for result in results:
-            site = result.meta.get(keys.RESULT_SITE)
+            site = result_site(result.meta)
             responded.add(site)
-            record = SiteRound.from_meta(site, round_index, result.meta, phase)
+            try:
+                meta = SiteResultMeta.from_meta(result.meta, source=str(site))
+            except MessageError as error:
+                records.append(SiteRound.rejected(site, round_index, self._rejected(error), phase))
+                continue
+            record = SiteRound.from_meta(site, round_index, meta, phase)
             records.append(record)
+            shareable[site] = meta.local_model_shareable
             if record.refused is None and result.params:
                 weights = unpack_weights(result.params, weight_layout(self._job_spec.model))
                 updates.append(SiteUpdate(site, weights, int(record.num_patients)))
@@ -123,7 +146,7 @@ class FedSegController(ModelController):
         records.sort(key=lambda record: record.site)
         for record in records:
             self._progress(record)
-        return records, updates
+        return records, updates, shareable
 
     def _cross_site(
         self, local_models: dict[str, tuple[int, dict]], sites: list[str], final_index: int
@@ -138,30 +161,37 @@ class FedSegController(ModelController):
                 data=FLModel(
                     params=pack_weights(weights),
                     params_type=ParamsType.FULL,
-                    meta={keys.ROUND: final_index, keys.MODEL_OWNER: owner},
+                    meta=TaskMeta(round=final_index, model_owner=owner).to_meta(),
                 ),
                 timeout=self._job_spec.federation.round_timeout_s,
             )
-            by_site = {result.meta.get(keys.RESULT_SITE): result.meta for result in results}
+            by_site = {result_site(result.meta): result.meta for result in results}
             for site in sites:
-                meta = by_site.get(site)
-                matrix.append(
-                    CrossSiteResult(
-                        model=owner,
-                        model_round=model_round,
-                        site=site,
-                        val_dice=None if meta is None else meta.get(keys.VAL_DICE),
-                        val_hd95_mm=None if meta is None else meta.get(keys.VAL_HD95_MM),
-                        val_hd95_missing=None if meta is None else meta.get(keys.VAL_HD95_MISSING),
-                        val_lesion_volumes=(
-                            None if meta is None else meta.get(keys.VAL_LESION_VOLUMES)
-                        ),
-                        val_patients=None if meta is None else meta.get(keys.VAL_PATIENTS),
-                        refused=None if meta is None else meta.get(keys.REFUSED),
-                        missing=meta is None,
-                    )
-                )
+                matrix.append(self._cross_site_cell(owner, model_round, site, by_site.get(site)))
         return matrix
+
+    def _cross_site_cell(
+        self, owner: str, model_round: int, site: str, meta: dict | None
+    ) -> CrossSiteResult:
+        cell = {"model": owner, "model_round": model_round, "site": site}
+        unknown = dict.fromkeys(
+            ("val_dice", "val_hd95_mm", "val_hd95_missing", "val_lesion_volumes", "val_patients")
+        )
+        if meta is None:
+            return CrossSiteResult(**cell, **unknown, missing=True)
+        try:
+            result = SiteResultMeta.from_meta(meta, source=site)
+        except MessageError as error:
+            return CrossSiteResult(**cell, **unknown, refused=self._rejected(error))
+        return CrossSiteResult(
+            **cell,
+            val_dice=result.val_dice,
+            val_hd95_mm=result.val_hd95_mm,
+            val_hd95_missing=result.val_hd95_missing,
+            val_lesion_volumes=result.val_lesion_volumes,
+            val_patients=result.val_patients,
+            refused=result.refused,
+        )
 
     def _sign_final_model(self, history: RunHistory, contributors: set[str]) -> None:
         """Manifest beside final_model.pt, signed with the server's provisioned key when the
@@ -242,11 +272,13 @@ class FedSegController(ModelController):
                     params_type=ParamsType.FULL,
                     current_round=round_index,
                     total_rounds=rounds,
-                    meta={keys.ROUND: round_index},
+                    meta=TaskMeta(round=round_index).to_meta(),
                 ),
                 timeout=spec.federation.round_timeout_s,
             )
-            records, updates = self._collect(results, round_index, sites, "train")
+            records, updates, shareable = self._collect(
+                results, round_index, sites, RoundPhase.TRAIN
+            )
             history.rounds += records
             received = _mean_dice(records)  # validation of the model sent this round
             if received is not None:
@@ -267,10 +299,6 @@ class FedSegController(ModelController):
                 lr=spec.federation.server_lr,
                 momentum=spec.federation.server_momentum,
             )
-            shareable = {
-                r.meta.get(keys.RESULT_SITE): r.meta.get(keys.LOCAL_MODEL_SHAREABLE)
-                for r in results
-            }
             for update in updates:
                 contributors.add(update.site)
                 if shareable.get(update.site):
@@ -293,11 +321,11 @@ class FedSegController(ModelController):
             data=FLModel(
                 params=pack_weights(weights),
                 params_type=ParamsType.FULL,
-                meta={keys.ROUND: final_index, keys.MODEL_OWNER: keys.GLOBAL_MODEL},
+                meta=TaskMeta(round=final_index, model_owner=keys.GLOBAL_MODEL).to_meta(),
             ),
             timeout=spec.federation.round_timeout_s,
         )
-        history.final, _ = self._collect(results, final_index, sites, "final")
+        history.final, _, _ = self._collect(results, final_index, sites, RoundPhase.FINAL)
         final_dice = _mean_dice(history.final)
         if final_dice is not None:
             mean_dice_by_model[final_index] = final_dice

@@ -9,18 +9,21 @@ keys are their fields, in this order. A file is validated once, when read; a bad
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs import keys
 from jobs.atomic_files import atomic_write
+from jobs.messages import SiteResultMeta
 from jobs.validation_errors import format_validation_error
 
 __all__ = [
     "CrossSiteResult",
     "HistoryError",
+    "RoundPhase",
     "RunHistory",
     "SiteRound",
     "read_history",
@@ -30,6 +33,15 @@ __all__ = [
 
 class HistoryError(ValueError):
     """A saved run history cannot be read; the message names the file and each bad field."""
+
+
+class RoundPhase(StrEnum):
+    """Which kind of round a ``SiteRound`` reports (saved as its string)."""
+
+    TRAIN = "train"
+    """A training round: the validation of the global model a site received, then training."""
+    FINAL = "final"
+    """The validation of the final global model."""
 
 
 class _Record(BaseModel):
@@ -55,8 +67,7 @@ class SiteRound(_Record):
     elapsed_s: float | None = None
     budget_left: float | None = None
     """The site's total epsilon budget left after this round (only if its policy sets one)."""
-    phase: str = "train"
-    """"train" for a training round, "final" for the validation of the final global model."""
+    phase: RoundPhase = RoundPhase.TRAIN
     val_hd95_mm: float | None = None
     """Mean 95th-percentile Hausdorff distance (mm) over held-out volumes where it is defined."""
     val_hd95_missing: int | None = None
@@ -64,8 +75,8 @@ class SiteRound(_Record):
     val_lesion_volumes: int | None = None
     """Held-out volumes with a lesion: the volumes Dice is the mean over."""
     subgroups: list[dict[str, Any]] | None = None
-    """Final phase only: the site's subgroup cells (``jobs.keys.CELL_*``); small cells never
-    arrive (the site drops them)."""
+    """Final phase only: the site's subgroup cells (``jobs.messages.SubgroupCell`` as plain
+    data); small cells never arrive (the site drops them)."""
     noise_multiplier: float | None = None
     """DP-SGD's noise multiplier (the same every round of a job)."""
     sample_rate: float | None = None
@@ -80,35 +91,59 @@ class SiteRound(_Record):
     ledger_head: str | None = None
 
     @classmethod
-    def from_meta(cls, site: str, round_index: int, meta: dict, phase: str = "train") -> SiteRound:
+    def from_meta(
+        cls,
+        site: str,
+        round_index: int,
+        meta: SiteResultMeta | Mapping[str, Any],
+        phase: RoundPhase = RoundPhase.TRAIN,
+    ) -> SiteRound:
+        """The record of a site's result metadata: a ``jobs.messages.SiteResultMeta``, or the
+        plain meta as received, validated by it (``MessageError`` for a malformed value; keys
+        it does not know are ignored)."""
+        result = meta
+        if not isinstance(result, SiteResultMeta):
+            result = SiteResultMeta.from_meta(meta, source=str(site))
         return cls(
             site=site,
             round=round_index,
-            val_dice=meta.get(keys.VAL_DICE),
-            val_patients=meta.get(keys.VAL_PATIENTS),
-            num_patients=meta.get(keys.NUM_PATIENTS),
-            num_steps=meta.get(keys.NUM_STEPS),
-            train_loss=meta.get(keys.TRAIN_LOSS),
-            epsilon=meta.get(keys.EPSILON),
-            delta=meta.get(keys.DELTA),
-            refused=meta.get(keys.REFUSED),
-            elapsed_s=meta.get(keys.ELAPSED_S),
-            budget_left=meta.get(keys.BUDGET_LEFT),
+            val_dice=result.val_dice,
+            val_patients=result.val_patients,
+            num_patients=result.num_patients,
+            num_steps=result.num_steps,
+            train_loss=result.train_loss,
+            epsilon=result.epsilon,
+            delta=result.delta,
+            refused=result.refused,
+            elapsed_s=result.elapsed_s,
+            budget_left=result.budget_left,
             phase=phase,
-            val_hd95_mm=meta.get(keys.VAL_HD95_MM),
-            val_hd95_missing=meta.get(keys.VAL_HD95_MISSING),
-            val_lesion_volumes=meta.get(keys.VAL_LESION_VOLUMES),
-            subgroups=meta.get(keys.SUBGROUPS),
-            noise_multiplier=meta.get(keys.NOISE_MULTIPLIER),
-            sample_rate=meta.get(keys.SAMPLE_RATE),
-            count_noise_std=meta.get(keys.COUNT_NOISE_STD),
-            accountant=meta.get(keys.ACCOUNTANT),
-            ledger_entries=meta.get(keys.LEDGER_ENTRIES),
-            ledger_head=meta.get(keys.LEDGER_HEAD),
+            val_hd95_mm=result.val_hd95_mm,
+            val_hd95_missing=result.val_hd95_missing,
+            val_lesion_volumes=result.val_lesion_volumes,
+            subgroups=(
+                None if result.subgroups is None else [c.to_meta() for c in result.subgroups]
+            ),
+            noise_multiplier=result.noise_multiplier,
+            sample_rate=result.sample_rate,
+            count_noise_std=result.count_noise_std,
+            accountant=result.accountant,
+            ledger_entries=result.ledger_entries,
+            ledger_head=result.ledger_head,
         )
 
     @classmethod
-    def absent(cls, site: str, round_index: int, phase: str = "train") -> SiteRound:
+    def rejected(
+        cls, site: str, round_index: int, reason: str, phase: RoundPhase = RoundPhase.TRAIN
+    ) -> SiteRound:
+        """A result the server could not accept (malformed metadata): counted as a refusal
+        with ``reason``, contributing nothing."""
+        return cls.absent(site, round_index, phase).model_copy(
+            update={"missing": False, "refused": reason}
+        )
+
+    @classmethod
+    def absent(cls, site: str, round_index: int, phase: RoundPhase = RoundPhase.TRAIN) -> SiteRound:
         unknown = dict.fromkeys(
             (
                 "val_dice",

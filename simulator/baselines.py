@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs import keys
+from jobs.messages import SiteResultMeta
 from jobs.model import (
     build_network,
     freeze_untrainable,
@@ -54,7 +54,8 @@ __all__ = [
 
 Weights = dict[str, np.ndarray]
 RoundCallback = Callable[[str, int, dict], None]
-"""Called with (site or "pooled", 0-based round, metadata) after each round of training."""
+"""Called with (site or "pooled", 0-based round, metadata as a site sends it:
+``jobs.messages.SiteResultMeta.to_meta()``) after each round of training."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def train_pooled(
             lr_per_epoch=round_learning_rates(training, round_index),
         )
         if on_round:
-            meta = {keys.NUM_STEPS: stats.steps, keys.TRAIN_LOSS: stats.mean_loss}
+            meta = SiteResultMeta(num_steps=stats.steps, train_loss=stats.mean_loss).to_meta()
             on_round("pooled", round_index, meta)
     return state_to_numpy(network.state_dict())
 
@@ -241,11 +242,11 @@ def score_model(spec: JobSpec, model: nn.Module, split: SiteSplit) -> SiteScore:
     )
     return SiteScore(
         site=split.site,
-        dice=metrics[keys.VAL_DICE],
-        hd95_mm=metrics[keys.VAL_HD95_MM],
-        hd95_missing=metrics[keys.VAL_HD95_MISSING],
-        lesion_volumes=metrics[keys.VAL_LESION_VOLUMES],
-        val_patients=metrics[keys.VAL_PATIENTS],
+        dice=metrics.val_dice,
+        hd95_mm=metrics.val_hd95_mm,
+        hd95_missing=metrics.val_hd95_missing,
+        lesion_volumes=metrics.val_lesion_volumes,
+        val_patients=metrics.val_patients,
     )
 
 

@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from jobs import keys
+from jobs.messages import SiteResultMeta
 from jobs.model import initial_weights
 from jobs.spec import JobSpec
-from server_app.history import RunHistory, SiteRound
+from server_app.history import RoundPhase, RunHistory, SiteRound
 from server_app.report import write_report
 from simulator.baselines import (
     SiteScore,
@@ -153,7 +153,7 @@ def _run_local_only(ctx: _Context, *, dp_spec: JobSpec | None = None) -> MethodR
 
     def on_round(site: str, round_index: int, meta: dict) -> None:
         nonlocal steps
-        steps += int(meta.get(keys.NUM_STEPS) or 0)
+        steps += int(SiteResultMeta.from_meta(meta).num_steps or 0)
         ctx.progress.advance(f"{label} {site} round {round_index + 1}/{rounds}")
 
     started = time.perf_counter()
@@ -199,7 +199,7 @@ def _run_pooled(ctx: _Context) -> MethodResult:
 
     def on_round(_: str, round_index: int, meta: dict) -> None:
         nonlocal steps
-        steps += int(meta.get(keys.NUM_STEPS) or 0)
+        steps += int(SiteResultMeta.from_meta(meta).num_steps or 0)
         ctx.progress.advance(f"pooled: {round_index + 1} x {spec.training.local_epochs} epochs")
 
     started = time.perf_counter()
@@ -243,7 +243,9 @@ def _run_federated(
     ctx.progress.start(f"{label}: starting FLARE (about 20 s)", total=len(ctx.sites) * (rounds + 1))
 
     def on_record(record: SiteRound) -> None:
-        stage = "final validation" if record.phase == "final" else f"round {record.round + 1}"
+        stage = (
+            "final validation" if record.phase == RoundPhase.FINAL else f"round {record.round + 1}"
+        )
         ctx.progress.advance(f"{label}: {stage}/{rounds}, {record.site} reported")
 
     result = run_simulation(

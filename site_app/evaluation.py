@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torch import nn
 
-from jobs import keys
+from jobs.messages import SiteResultMeta
 
 __all__ = [
     "PatientEvaluation",
@@ -121,8 +121,8 @@ def patient_hd95(patient: PatientEvaluation) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarize(patients: Sequence[PatientEvaluation]) -> dict:
-    """The site-level metrics as task metadata (``jobs.keys`` names; counts and means only).
+def summarize(patients: Sequence[PatientEvaluation]) -> SiteResultMeta:
+    """The site-level metrics as task metadata (its ``val_*`` fields; counts and means only).
 
     Dice and HD95 are means over volumes (lesion volumes for Dice; volumes where HD95 is
     defined for HD95); either is None when there is nothing to average.
@@ -130,13 +130,13 @@ def summarize(patients: Sequence[PatientEvaluation]) -> dict:
     volumes = [v for p in patients for v in p.volumes]
     dice = [v.dice for v in volumes if v.dice is not None]
     hd95 = [v.hd95_mm for v in volumes if v.hd95_mm is not None]
-    return {
-        keys.VAL_DICE: float(np.mean(dice)) if dice else None,
-        keys.VAL_HD95_MM: float(np.mean(hd95)) if hd95 else None,
-        keys.VAL_HD95_MISSING: sum(v.empty_prediction for v in volumes),
-        keys.VAL_LESION_VOLUMES: sum(v.has_lesion for v in volumes),
-        keys.VAL_PATIENTS: len(patients),
-    }
+    return SiteResultMeta(
+        val_dice=float(np.mean(dice)) if dice else None,
+        val_hd95_mm=float(np.mean(hd95)) if hd95 else None,
+        val_hd95_missing=sum(v.empty_prediction for v in volumes),
+        val_lesion_volumes=sum(v.has_lesion for v in volumes),
+        val_patients=len(patients),
+    )
 
 
 @torch.no_grad()

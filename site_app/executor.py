@@ -24,6 +24,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from jobs import keys
 from jobs.components import SITE_EXECUTOR, has_variable_references, written_args
+from jobs.messages import SiteResultMeta, TaskMeta
 from jobs.spec import JobSpecError, parse_spec
 from jobs.transfer import pack_weights, unpack_weights, weight_layout
 from site_app.local_job import LocalJob
@@ -126,14 +127,10 @@ class SiteTrainer(Executor):
             job = self._local_job(fl_ctx)
             incoming = FLModelUtils.from_shareable(shareable)
             incoming.params = unpack_weights(incoming.params, weight_layout(job.spec.model))
-            round_index = int(incoming.meta.get(keys.ROUND, incoming.current_round or 0))
+            task = TaskMeta.from_meta(incoming.meta)
+            round_index = task.round if task.round is not None else int(incoming.current_round or 0)
             if task_name == keys.TASK_VALIDATE:
-                # Subgroups only for the global model: another site's local model (cross-site
-                # evaluation) gets site-level metrics only.
-                owner = incoming.meta.get(keys.MODEL_OWNER, keys.GLOBAL_MODEL)
-                meta = job.validate(incoming.params, subgroups=owner == keys.GLOBAL_MODEL)
-                meta[keys.MODEL_OWNER] = owner
-                meta[keys.EPSILON] = job.epsilon()
+                meta = job.validate_task(incoming.params, task.owner)
                 outgoing = FLModel(params={}, params_type=ParamsType.FULL, meta=meta)
             else:
                 weights, meta = job.train_round(incoming.params, round_index)
@@ -147,7 +144,7 @@ class SiteTrainer(Executor):
         except SiteRefusal as refusal:
             # A refusal is an answer, not a failure: the reason reaches the server and report.
             self.log_warning(fl_ctx, str(refusal))
-            meta = {keys.REFUSED: str(refusal), keys.NUM_STEPS: 0, keys.EPSILON: None}
+            meta = SiteResultMeta(refused=str(refusal), num_steps=0, epsilon=None).to_meta()
             return FLModelUtils.to_shareable(
                 FLModel(params={}, params_type=ParamsType.FULL, meta=meta)
             )

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from jobs import keys
+from jobs.messages import SiteResultMeta
 from jobs.model import (
     build_network,
     freeze_untrainable,
@@ -406,6 +407,19 @@ class LocalJob:
         With ``subgroups``, also the subgroup cells (``keys.SUBGROUPS``); cells smaller than the
         job's ``evaluation.min_subgroup_size`` are dropped here and never sent.
         """
+        return self._validation(weights, subgroups=subgroups).to_meta()
+
+    def validate_task(self, weights: dict[str, np.ndarray], owner: str | None) -> dict:
+        """The answer to a ``validate`` task for ``owner``'s model (``keys.GLOBAL_MODEL`` or a
+        site's local model), as sent: the validation, the owner and this job's epsilon so far.
+
+        Subgroups only for the global model: another site's local model (cross-site
+        evaluation) gets site-level metrics only.
+        """
+        meta = self._validation(weights, subgroups=owner == keys.GLOBAL_MODEL)
+        return meta.updated(model_owner=owner, epsilon=self.epsilon()).to_meta()
+
+    def _validation(self, weights: dict[str, np.ndarray], *, subgroups: bool) -> SiteResultMeta:
         self._load_weights(weights)
         evaluations = evaluate_patients(
             OnDevice(self.network),  # volumes stay on the CPU; windows go to the device
@@ -415,9 +429,10 @@ class LocalJob:
         )
         meta = summarize(evaluations)
         if subgroups:
-            meta[keys.SUBGROUPS] = subgroup_cells(
+            cells = subgroup_cells(
                 evaluations, self._groups, min_cell_size=self.spec.evaluation.min_subgroup_size
             )
+            meta = meta.updated(subgroups=cells)
         return meta
 
     def _budget_left(self) -> float | None:
@@ -474,28 +489,34 @@ class LocalJob:
         return None
 
     def train_round(self, weights: dict[str, np.ndarray], round_index: int) -> tuple[dict, dict]:
-        """Validate the received global model, train locally, and return (weights, metadata)."""
+        """Validate the received global model, train locally, and return (weights, metadata);
+        the metadata as sent (``SiteResultMeta.to_meta``)."""
         started = time.perf_counter()
-        meta = self.validate(weights)
+        meta = self._validation(weights, subgroups=False)
         # With DP the aggregation weight is the released (noised) count: the exact one is
         # never sent. Without DP the site publishes its exact count (docs/privacy.md).
         patients = len(self.train_patients)
         if self.dp_settings is not None:
             patients = self.dp_settings.released_patients
-        meta.update({keys.NUM_PATIENTS: patients, keys.DELTA: None})
-        # Other sites may evaluate this update (cross-site) only if it is a DP release or the
-        # site's policy does not require DP; the server never forwards it otherwise.
-        meta[keys.LOCAL_MODEL_SHAREABLE] = (
-            self.spec.privacy.enabled or not self.config.policy.dp_required
+        meta = meta.updated(
+            num_patients=patients,
+            delta=None,
+            # Other sites may evaluate this update (cross-site) only if it is a DP release or
+            # the site's policy does not require DP; the server never forwards it otherwise.
+            local_model_shareable=self.spec.privacy.enabled or not self.config.policy.dp_required,
         )
         if self.dp_settings is not None:
-            meta.update(self._accounting_meta())
+            meta = self._with_accounting(meta)
         reason = self._refusal()
         if reason:
             log.warning(reason)
-            meta.update({keys.REFUSED: reason, keys.EPSILON: self.epsilon(), keys.NUM_STEPS: 0})
-            meta[keys.BUDGET_LEFT] = self._budget_left()
-            return {}, meta
+            meta = meta.updated(
+                refused=reason,
+                epsilon=self.epsilon(),
+                num_steps=0,
+                budget_left=self._budget_left(),
+            )
+            return {}, meta.to_meta()
 
         self._load_weights(weights)
         stats = train_epochs(
@@ -530,34 +551,32 @@ class LocalJob:
         self.state.rng_states = self._rng_snapshot()
         self.state.save(self._state_path)
 
-        meta.update(
-            {
-                keys.NUM_STEPS: stats.steps,
-                keys.EPSILON: self.epsilon(),
-                keys.BUDGET_LEFT: self._budget_left(),
-            }
+        meta = meta.updated(
+            num_steps=stats.steps, epsilon=self.epsilon(), budget_left=self._budget_left()
         )
         if self.ledger is not None:
             # The ledger's head travels with each round, so the server's history shows a
             # ledger that was rolled back (its count falls, or an older hash returns).
             count, last_hash = self.ledger.head()
-            meta[keys.LEDGER_ENTRIES] = count
-            meta[keys.LEDGER_HEAD] = last_hash[:16]
+            meta = meta.updated(ledger_entries=count, ledger_head=last_hash[:16])
         if self.dp_settings is None:
             # Computed on the training patients without noise (the loss), or telling how many
             # patients each step held (the time): sent only when the job is not DP.
-            meta[keys.TRAIN_LOSS] = None if math.isnan(stats.mean_loss) else stats.mean_loss
-            meta[keys.ELAPSED_S] = round(time.perf_counter() - started, 3)
-        return state_to_numpy(self.network.state_dict()), meta
+            meta = meta.updated(
+                train_loss=None if math.isnan(stats.mean_loss) else stats.mean_loss,
+                elapsed_s=round(time.perf_counter() - started, 3),
+            )
+        return state_to_numpy(self.network.state_dict()), meta.to_meta()
 
-    def _accounting_meta(self) -> dict:
-        """What an auditor needs to recompute this site's epsilon with any accountant: every
-        mechanism of the job so far as (noise multiplier, sample rate, steps), and delta."""
+    def _with_accounting(self, meta: SiteResultMeta) -> SiteResultMeta:
+        """``meta`` with what an auditor needs to recompute this site's epsilon with any
+        accountant: every mechanism of the job so far as (noise multiplier, sample rate,
+        steps), and delta."""
         settings = self.dp_settings
-        return {
-            keys.DELTA: settings.delta,
-            keys.NOISE_MULTIPLIER: settings.noise_multiplier,
-            keys.SAMPLE_RATE: settings.sample_rate,
-            keys.COUNT_NOISE_STD: settings.count_noise_std,
-            keys.ACCOUNTANT: settings.accountant,
-        }
+        return meta.updated(
+            delta=settings.delta,
+            noise_multiplier=settings.noise_multiplier,
+            sample_rate=settings.sample_rate,
+            count_noise_std=settings.count_noise_std,
+            accountant=settings.accountant,
+        )

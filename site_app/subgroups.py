@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs import keys
+from jobs.messages import SubgroupCell
 from site_app.evaluation import PatientEvaluation, patient_dice, patient_hd95
 
 __all__ = [
@@ -113,7 +114,7 @@ def subgroup_cells(
     groups: Mapping[str, PatientGroups],
     *,
     min_cell_size: int = MIN_SUBGROUP_SIZE,
-) -> list[dict]:
+) -> list[SubgroupCell]:
     """Per (attribute, value): patients, mean Dice and mean HD95 (mm), small cells dropped.
 
     A cell's patients are the held-out patients in it with a lesion (those a Dice exists for);
@@ -146,14 +147,14 @@ def subgroup_cells(
         distances = hd95.get((attribute, value), [])
         hd95_shown = len(distances) >= minimum
         cells.append(
-            {
-                keys.CELL_ATTRIBUTE: attribute,
-                keys.CELL_VALUE: value,
-                keys.CELL_PATIENTS: len(scores),
-                keys.CELL_DICE: float(np.mean(scores)),
-                keys.CELL_HD95_MM: float(np.mean(distances)) if hd95_shown else None,
-                keys.CELL_HD95_PATIENTS: len(distances) if hd95_shown else None,
-            }
+            SubgroupCell(
+                attribute=attribute,
+                value=value,
+                n=len(scores),
+                dice=float(np.mean(scores)),
+                hd95_mm=float(np.mean(distances)) if hd95_shown else None,
+                n_hd95=len(distances) if hd95_shown else None,
+            )
         )
     return cells
 

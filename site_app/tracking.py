@@ -26,6 +26,7 @@ from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 
 from jobs import keys
 from jobs.components import TB_FOLDER
+from jobs.messages import SiteResultMeta, TaskMeta
 
 __all__ = [
     "TRACKED_TAGS",
@@ -53,16 +54,17 @@ def round_scalars(task_name: str, round_index: int, meta: dict) -> list[tuple[st
     in the held-out set) are left out, and so is the validation of another site's model
     (cross-site evaluation), which is not the global model.
     """
-    if meta.get(keys.MODEL_OWNER, keys.GLOBAL_MODEL) != keys.GLOBAL_MODEL:
+    result = SiteResultMeta.from_meta(meta, source="this site")
+    if result.owner != keys.GLOBAL_MODEL:
         return []
     scalars = []
-    for tag in (keys.VAL_DICE, keys.VAL_HD95_MM):
-        if _finite(meta.get(tag)):
-            scalars.append((tag, float(meta[tag]), round_index))
-    if task_name == keys.TASK_TRAIN and not meta.get(keys.REFUSED):
-        for tag in (keys.TRAIN_LOSS, keys.EPSILON):
-            if _finite(meta.get(tag)):
-                scalars.append((tag, float(meta[tag]), round_index + 1))
+    for tag, value in ((keys.VAL_DICE, result.val_dice), (keys.VAL_HD95_MM, result.val_hd95_mm)):
+        if _finite(value):
+            scalars.append((tag, float(value), round_index))
+    if task_name == keys.TASK_TRAIN and not result.refused:
+        for tag, value in ((keys.TRAIN_LOSS, result.train_loss), (keys.EPSILON, result.epsilon)):
+            if _finite(value):
+                scalars.append((tag, float(value), round_index + 1))
     return scalars
 
 
@@ -96,7 +98,8 @@ class SiteMetricsTracker(FLComponent):
             incoming = FLModelUtils.from_shareable(task_data)
         except Exception:  # not an FLModel task: nothing of ours to track
             return None
-        value = incoming.meta.get(keys.ROUND, incoming.current_round)
+        task = TaskMeta.from_meta(incoming.meta)
+        value = task.round if task.round is not None else incoming.current_round
         return None if value is None else int(value)
 
     def _send(self, fl_ctx: FLContext) -> None:

@@ -5,7 +5,6 @@ import pytest
 import torch
 from monai.metrics import HausdorffDistanceMetric
 
-from jobs import keys
 from site_app.evaluation import PatientEvaluation, VolumeScore, summarize, volume_scores
 
 SHAPE = (16, 16, 16)
@@ -88,19 +87,19 @@ def test_site_summary_averages_where_defined_and_counts_undefined_hd95():
         ),
     ]
     meta = summarize(patients)
-    assert meta[keys.VAL_DICE] == pytest.approx((1 + 2 / 3 + 0) / 3)
-    assert meta[keys.VAL_HD95_MM] == pytest.approx((0 + 2.5) / 2)  # not 0 or inf for p-3
-    assert meta[keys.VAL_HD95_MISSING] == 1
-    assert meta[keys.VAL_LESION_VOLUMES] == 3
-    assert meta[keys.VAL_PATIENTS] == 4
-    assert "p-" not in str(sorted(meta.items()))  # patient keys never reach the metadata
+    assert meta.val_dice == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert meta.val_hd95_mm == pytest.approx((0 + 2.5) / 2)  # not 0 or inf for p-3
+    assert meta.val_hd95_missing == 1
+    assert meta.val_lesion_volumes == 3
+    assert meta.val_patients == 4
+    assert "p-" not in str(sorted(meta.to_meta().items()))  # patient keys never reach the metadata
 
 
 def test_no_lesion_anywhere_gives_no_metrics_rather_than_zero():
     healthy = volume_scores(np.zeros(SHAPE), np.zeros(SHAPE), spacing_mm=(1, 1, 1))
     meta = summarize([PatientEvaluation("a", (healthy,))])
-    assert meta[keys.VAL_DICE] is None and meta[keys.VAL_HD95_MM] is None
-    assert meta[keys.VAL_HD95_MISSING] == 0 and meta[keys.VAL_LESION_VOLUMES] == 0
+    assert meta.val_dice is None and meta.val_hd95_mm is None
+    assert meta.val_hd95_missing == 0 and meta.val_lesion_volumes == 0
 
 
 @pytest.mark.parametrize(

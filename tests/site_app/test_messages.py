@@ -40,10 +40,7 @@ def _sent_keys(spec, federation, tmp_path) -> tuple[set[str], list[dict]]:
     for round_index in range(2):
         weights, meta = job.train_round(weights, round_index)
         metas.append(meta)
-    final = job.validate(weights, subgroups=True)
-    final[keys.MODEL_OWNER] = keys.GLOBAL_MODEL  # what the executor adds to a validate answer
-    final[keys.EPSILON] = job.epsilon()
-    metas.append(final)
+    metas.append(job.validate_task(weights, keys.GLOBAL_MODEL))  # the executor's answer
     return {key for meta in metas for key in meta}, metas
 
 

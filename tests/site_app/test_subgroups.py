@@ -119,15 +119,13 @@ def test_cells_below_five_patients_are_dropped_and_the_rest_are_exact():
     evaluations, groups = _cohort()
     evaluations += [_patient(f"m{i}", 0.2) for i in range(2, 8)]  # 8 men with a lesion now
     groups |= {f"m{i}": _groups("male") for i in range(2, 8)}
-    cells = {
-        (c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]): c for c in subgroup_cells(evaluations, groups)
-    }
+    cells = {(c.attribute, c.value): c for c in subgroup_cells(evaluations, groups)}
     female = cells[(keys.SEX, "female")]
-    assert female[keys.CELL_PATIENTS] == 5  # the lesion-free woman has no Dice, so is not counted
-    assert female[keys.CELL_DICE] == pytest.approx(0.7)
-    assert female[keys.CELL_HD95_MM] == pytest.approx(1.0)
-    assert cells[(keys.SEX, "male")][keys.CELL_PATIENTS] == 8
-    assert cells[(keys.VENDOR, "GE")][keys.CELL_PATIENTS] == 13
+    assert female.n == 5  # the lesion-free woman has no Dice, so is not counted
+    assert female.dice == pytest.approx(0.7)
+    assert female.hd95_mm == pytest.approx(1.0)
+    assert cells[(keys.SEX, "male")].n == 8
+    assert cells[(keys.VENDOR, "GE")].n == 13
 
 
 def test_a_small_cell_takes_its_complement_with_it_so_totals_cannot_reveal_it():
@@ -135,9 +133,7 @@ def test_a_small_cell_takes_its_complement_with_it_so_totals_cannot_reveal_it():
     give the men's away: the site also sends its totals (7 lesion patients, mean Dice 0.5714),
     and 7 x 0.5714 - 5 x 0.7 = 2 men with mean Dice 0.2. So the women's cell is suppressed too."""
     evaluations, groups = _cohort()
-    cells = {
-        (c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]) for c in subgroup_cells(evaluations, groups)
-    }
+    cells = {(c.attribute, c.value) for c in subgroup_cells(evaluations, groups)}
     assert (keys.SEX, "male") not in cells and (keys.SEX, "female") not in cells
     assert (keys.VENDOR, "GE") in cells  # an attribute with nothing suppressed is untouched
 
@@ -151,19 +147,19 @@ def test_complementary_suppression_hides_a_group_of_at_least_the_minimum():
     evaluations += [_patient(f"u{i}", 0.9) for i in range(2)]
     sex = {"f": "female", "m": "male", "u": keys.UNKNOWN}
     groups = {e.patient_key: _groups(sex[e.patient_key[0]]) for e in evaluations}
-    sent = [c for c in subgroup_cells(evaluations, groups) if c[keys.CELL_ATTRIBUTE] == keys.SEX]
-    assert [(c[keys.CELL_VALUE], c[keys.CELL_PATIENTS]) for c in sent] == [("male", 6)]
+    sent = [c for c in subgroup_cells(evaluations, groups) if c.attribute == keys.SEX]
+    assert [(c.value, c.n) for c in sent] == [("male", 6)]
     total_patients = 14
-    hidden = total_patients - sum(c[keys.CELL_PATIENTS] for c in sent)
+    hidden = total_patients - sum(c.n for c in sent)
     assert hidden == 8 >= 5
 
 
 def test_a_job_may_raise_the_minimum_but_not_lower_it():
     evaluations, groups = _cohort()
     lowered = subgroup_cells(evaluations, groups, min_cell_size=1)
-    assert (keys.SEX, "male") not in {(c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]) for c in lowered}
+    assert (keys.SEX, "male") not in {(c.attribute, c.value) for c in lowered}
     raised = subgroup_cells(evaluations, groups, min_cell_size=6)  # sex: 5 and 2, both hidden
-    assert {(c[keys.CELL_ATTRIBUTE], c[keys.CELL_VALUE]) for c in raised} == {
+    assert {(c.attribute, c.value) for c in raised} == {
         (keys.AGE_BAND, "40-59"),
         (keys.VENDOR, "GE"),
         (keys.SLICE_THICKNESS_BAND, "3-5 mm"),
@@ -173,9 +169,9 @@ def test_a_job_may_raise_the_minimum_but_not_lower_it():
 def test_hd95_of_a_kept_cell_is_withheld_when_few_patients_have_one():
     evaluations = [_patient(f"f{i}", 0.5, hd95=None if i < 2 else 2.0) for i in range(6)]
     groups = {e.patient_key: _groups("female") for e in evaluations}
-    female = next(c for c in subgroup_cells(evaluations, groups) if c[keys.CELL_VALUE] == "female")
-    assert female[keys.CELL_PATIENTS] == 6
-    assert female[keys.CELL_HD95_MM] is None and female[keys.CELL_HD95_PATIENTS] is None
+    female = next(c for c in subgroup_cells(evaluations, groups) if c.value == "female")
+    assert female.n == 6
+    assert female.hd95_mm is None and female.n_hd95 is None
 
 
 def test_spec_refuses_a_minimum_below_five():
