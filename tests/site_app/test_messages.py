@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from jobs import keys
+from jobs.messages import SiteResultMeta
 from jobs.model import initial_weights
 from site_app.local_job import LocalJob
 from site_app.policy import PrivacyPolicy
@@ -59,3 +60,9 @@ def test_every_key_a_site_sends_without_dp_is_listed_too(tiny_federation, tmp_pa
     unlisted = sent - _documented_keys()
     assert not unlisted, f"sent but not on docs/privacy.md's list: {sorted(unlisted)}"
     assert keys.TRAIN_LOSS in sent  # listed as un-noised, sent only without DP
+
+
+def test_the_result_record_holds_exactly_the_listed_keys():
+    """What a site can send at all is SiteResultMeta's fields: the list, no more, no less."""
+    fields = {field.alias for field in SiteResultMeta.model_fields.values()}
+    assert fields == _documented_keys()
