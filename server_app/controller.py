@@ -64,14 +64,6 @@ def _mean_dice(records: list[SiteRound]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _last_epsilon(history: RunHistory) -> dict[str, float | None]:
-    epsilon: dict[str, float | None] = {site: None for site in history.sites}
-    for record in sorted(history.rounds, key=lambda r: r.round):
-        if record.epsilon is not None:
-            epsilon[record.site] = record.epsilon
-    return epsilon
-
-
 class FedSegController(ModelController):
     """Weighted FedAvg over site updates, then a final validation of the global model everywhere.
 
@@ -204,7 +196,7 @@ class FedSegController(ModelController):
                 "throwaway simulation key (integrity only, no provisioned identity)"
             )
             signer = simulation_signer()
-        epsilon = _last_epsilon(history)
+        epsilon = {site: None for site in history.sites} | history.last_epsilon()
         write_signed_manifest(
             self._output_dir() / FINAL_MODEL,
             spec=self._spec,

@@ -200,6 +200,15 @@ class RunHistory(_Record):
     spec: dict[str, Any] | None = None
     """The job spec as plain data, so a report can be rebuilt from this file alone."""
 
+    def last_epsilon(self) -> dict[str, float]:
+        """Each site's epsilon after its latest training round that reported one (sites that
+        reported none are absent): what the site has spent in this job so far."""
+        epsilon: dict[str, float] = {}
+        for record in sorted(self.rounds, key=lambda r: r.round):
+            if record.epsilon is not None:
+                epsilon[record.site] = record.epsilon
+        return epsilon
+
     def to_json(self) -> dict:
         return self.model_dump()
 

@@ -220,12 +220,10 @@ def build_report(
     privacy = spec.get("privacy") or {}
     untrained = {r.site: r.val_dice for r in history.rounds if r.round == 0}
     final = {r.site: r for r in history.final}
-    last_epsilon: dict[str, float | None] = {}
+    last_epsilon = history.last_epsilon()
     budget_left: dict[str, float | None] = {}
     train_patients: dict[str, int] = {}
     for record in sorted(history.rounds, key=lambda r: r.round):
-        if record.epsilon is not None:
-            last_epsilon[record.site] = record.epsilon
         if record.budget_left is not None:
             budget_left[record.site] = record.budget_left
         if record.num_patients is not None:

@@ -38,7 +38,7 @@ from rich.console import Console
 from jobs.messages import SiteResultMeta
 from jobs.model import initial_weights
 from jobs.spec import JobSpec
-from server_app.history import RoundPhase, RunHistory, SiteRound
+from server_app.history import RoundPhase, SiteRound
 from server_app.report import write_report
 from simulator.baselines import (
     SiteScore,
@@ -228,14 +228,6 @@ def _run_pooled(ctx: _Context) -> MethodResult:
     return row
 
 
-def _last_epsilon(history: RunHistory) -> dict[str, float]:
-    epsilon = {}
-    for record in sorted(history.rounds, key=lambda r: r.round):
-        if record.epsilon is not None:
-            epsilon[record.site] = record.epsilon
-    return epsilon
-
-
 def _run_federated(
     ctx: _Context, spec: JobSpec, *, method: str, label: str, run_dir: Path
 ) -> MethodResult:
@@ -262,7 +254,7 @@ def _run_federated(
         log.warning("%s stopped early: %s", label, result.history.stopped_reason)
     model = load_model(spec, run_dir / "models" / "final_model.pt")
     ctx.models.setdefault(label, lambda site: model)
-    epsilon = _last_epsilon(result.history)
+    epsilon = result.history.last_epsilon()
     scores = [replace(s, epsilon=epsilon.get(s.site)) for s in _score_all(ctx, lambda _: model)]
     row = MethodResult(
         method=method,
