@@ -1,6 +1,12 @@
 """One job at one site: data, model, DP training and the on-disk state that survives restarts.
 
 FLARE-free, so it can be tested directly; ``site_app.executor`` adapts it to FLARE tasks.
+
+One module of about 580 lines on purpose: the job's checks (policy, whole-job epsilon against the
+ledger, state against the ledger), its generators and its training round all read and write the
+same per-job state (``dp_state.pt``, the ledger reservation, the released count), and the order
+in which they do so is the privacy argument; split, that order would be spread over modules.
+The pieces without that state already live elsewhere (``privacy``, ``training``, ``ledger``).
 """
 
 from __future__ import annotations
