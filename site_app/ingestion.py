@@ -14,15 +14,15 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from rich.console import Console
-from rich.progress import track
 
+from jobs.progress import progress_bar
 from site_app.ct_pixels import decode_hu_volume
 from site_app.dicom_headers import SliceHeader, read_header
 from site_app.dicom_series import (
@@ -119,7 +119,7 @@ def ingest_site(
         reads = [
             read_header(p, root, known)
             for p in _track(
-                [p for p in files if not is_nifti(p)], "Reading DICOM headers", progress
+                [p for p in files if not is_nifti(p)], "Reading DICOM headers", "files", progress
             )
         ]
         headers = [r for r in reads if isinstance(r, SliceHeader)]
@@ -160,7 +160,7 @@ def ingest_site(
         volumes: dict[str, list[tuple[LabelledVolume, SliceHeader]]] = defaultdict(list)
         used_files: list[str] = []
         cache_hits = 0
-        for uid in _track(list(valid), "Decoding series", progress):
+        for uid in _track(list(valid), "Decoding series", "series", progress):
             geometry = valid[uid]
             label = labels.get(uid)
             if label is None:
@@ -228,10 +228,10 @@ def walk_files(root: Path) -> list[Path]:
     return [p for p in found if p.is_file()]
 
 
-def _track(items: Sequence[_T], description: str, enabled: bool) -> Iterable[_T]:
-    if not enabled:
-        return items
-    return track(items, description=description, console=Console(stderr=True))
+def _track(items: Sequence[_T], description: str, unit: str, enabled: bool) -> Iterator[_T]:
+    """``items`` one by one, under fedseg's progress bar on stderr when ``enabled``."""
+    with progress_bar(unit=unit, console=Console(stderr=True), enabled=enabled) as bar:
+        yield from bar.track(items, description=description)
 
 
 def dicom_libraries_silenced():

@@ -543,3 +543,12 @@ def test_without_progress_nothing_is_printed(tmp_path, capsys):
     write_labelled_series(tmp_path)
     ingest_site(tmp_path, progress=False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_with_progress_the_bars_name_the_work_on_stderr(tmp_path, capsys):
+    write_labelled_series(tmp_path)
+    ingest_site(tmp_path, progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Reading DICOM headers" in err and "files" in err
+    assert "Decoding series" in err and "1/1 series" in err
