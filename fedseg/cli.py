@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedseg import simulate_cli
 
-    sim_commands = simulate_cli.register(commands, int_at_least)
+    sim_commands = simulate_cli.register(commands)
     site = commands.add_parser("site", help="site administration")
     site_commands = site.add_subparsers(dest="site_command", required=True)
     check = site_commands.add_parser(
@@ -290,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedseg import deploy_cli, drift_cli, infer_cli, privacy_cli
 
-    infer_cli.register(site_commands, int_at_least)
-    drift_cli.register(site_commands, int_at_least)
-    deploy_cli.register(commands, int_at_least)
-    privacy_cli.register(commands, sim_commands, int_at_least)
+    infer_cli.register(site_commands)
+    drift_cli.register(site_commands)
+    deploy_cli.register(commands)
+    privacy_cli.register(commands, sim_commands)
 
     report = commands.add_parser(
         "report", help="rebuild report, plots and model card from a results folder"

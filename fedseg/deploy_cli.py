@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from fedseg.terminal import console
+from fedseg.terminal import console, int_at_least
 from jobs.text_tables import format_number
 
 # -- provision -----------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def _job_download(args: argparse.Namespace) -> None:
     )
 
 
-def register(commands: argparse._SubParsersAction, int_at_least) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     """Add the deployment command groups to the top-level parser."""
     provision = commands.add_parser(
         "provision", help="project admin: FLARE startup kits for server, sites and admins"

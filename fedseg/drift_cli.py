@@ -299,7 +299,7 @@ def _site_drift(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(site_commands: argparse._SubParsersAction, int_at_least) -> None:
+def register(site_commands: argparse._SubParsersAction) -> None:
     """Add ``site drift`` to the ``fedseg site`` command group."""
     drift = site_commands.add_parser(
         "drift",

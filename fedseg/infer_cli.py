@@ -232,7 +232,7 @@ def _site_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(site_commands: argparse._SubParsersAction, int_at_least) -> None:
+def register(site_commands: argparse._SubParsersAction) -> None:
     """Add ``site infer`` to the ``fedseg site`` command group."""
     infer = site_commands.add_parser(
         "infer",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from fedseg.terminal import console, print_table
+from fedseg.terminal import console, int_at_least, print_table
 
 # -- simulate pretrain ---------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands, sim_commands, int_at_least) -> None:
+def register(commands, sim_commands) -> None:
     """Add the commands to ``fedseg``'s parser (``commands``: top level; ``sim_commands``:
     under ``simulate``)."""
     pretrain = sim_commands.add_parser(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from fedseg.terminal import UserError, console, print_table
+from fedseg.terminal import UserError, console, int_at_least, print_table
 
 if TYPE_CHECKING:
     from server_app.history import SiteRound
@@ -189,7 +189,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def register(commands: argparse._SubParsersAction, int_at_least) -> argparse._SubParsersAction:
+def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add ``fedseg simulate`` and its commands; returns its sub-commands (pretrain joins them)."""
     simulate = commands.add_parser("simulate", help="simulated sites on this machine")
     sim_commands = simulate.add_subparsers(dest="simulate_command", required=True)
