@@ -220,9 +220,9 @@ class FedSegController(ModelController):
         the history so far (site names, rounds, metrics, epsilon, refusals: no patient data)."""
 
         def status(topic: str, data, fl_ctx) -> dict:
-            # Plain JSON types only (the round phase is an enum): FLARE's message encoding
-            # drops an answer holding other types, and the researcher then sees no rounds.
-            return json.loads(json.dumps(history.to_json()))
+            # to_json holds JSON types only: FLARE's message encoding drops an answer holding
+            # others (an enum), and the researcher then sees no rounds.
+            return history.to_json()
 
         try:
             self.engine.register_app_command(keys.STATUS_COMMAND, status)

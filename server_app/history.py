@@ -210,7 +210,10 @@ class RunHistory(_Record):
         return epsilon
 
     def to_json(self) -> dict:
-        return self.model_dump()
+        """Plain JSON types only (enums as their values, tuples as lists), so the same dict can
+        be written to history.json and sent as a FLARE answer: FLARE drops an answer holding an
+        enum."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_json(cls, data: object, *, source: str = "run history") -> RunHistory:

@@ -86,3 +86,20 @@ def test_a_history_that_is_not_json_names_the_file(tmp_path):
     with pytest.raises(HistoryError, match="not valid JSON") as error:
         read_history(path)
     assert str(error.value).startswith(str(path))
+
+
+def test_to_json_holds_only_json_types_so_flare_can_send_it_as_the_status_answer():
+    # FLARE's message encoding drops an answer holding an enum: `fedseg job status` then
+    # showed 0 rounds while a job ran.
+    plain = _history().to_json()
+
+    def kinds(value) -> set[type]:
+        if isinstance(value, dict):
+            return {dict}.union(*(kinds(v) for v in value.values()), *(kinds(k) for k in value))
+        if isinstance(value, list):
+            return {list}.union(*(kinds(v) for v in value))
+        return {type(value)}
+
+    assert kinds(plain) <= {dict, list, str, int, float, bool, type(None)}
+    assert plain["final"][0]["phase"] == "final"
+    assert json.loads(json.dumps(plain)) == plain
