@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny simulated federation (real DICOM) and a tiny job spec."""
+"""Shared fixtures: one tiny simulated federation (real DICOM), a tiny job spec, and a site job
+over it."""
 
 from pathlib import Path
 
@@ -29,6 +30,27 @@ def tiny_spec(**sections) -> JobSpec:
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}
     return parse_spec(data)
+
+
+def simulated_site_job(spec: JobSpec, site_dir: Path, tmp_path: Path, site: str = "site-1"):
+    """A real LocalJob over one simulated site folder, as the simulator runs it: the simulated
+    data's policy, the decode cache under ``tmp_path / "cache"``, state under
+    ``tmp_path / "state"``."""
+    from site_app.local_job import LocalJob
+    from site_app.policy import PrivacyPolicy
+    from site_app.site_config import SiteConfig
+
+    return LocalJob(
+        spec=spec,
+        site=site,
+        config=SiteConfig(
+            data_dir=site_dir,
+            cache_dir=tmp_path / "cache",
+            policy=PrivacyPolicy.for_simulated_data(),
+        ),
+        state_dir=tmp_path / "state",
+        simulation=True,
+    )
 
 
 @pytest.fixture(scope="session")

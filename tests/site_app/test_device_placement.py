@@ -4,9 +4,6 @@ import pytest
 import torch
 
 from jobs.model import build_network, initial_weights, numpy_to_state
-from site_app.local_job import LocalJob
-from site_app.policy import PrivacyPolicy
-from site_app.site_config import SiteConfig
 from site_app.training import (
     SITES_SHARING_DEVICE_ENV,
     DevicePlacement,
@@ -15,7 +12,7 @@ from site_app.training import (
     device_placement,
     sites_sharing_device,
 )
-from tests.conftest import tiny_spec
+from tests.conftest import simulated_site_job, tiny_spec
 
 
 @pytest.mark.parametrize(
@@ -67,17 +64,7 @@ def test_on_device_runs_a_channels_last_model_on_contiguous_windows():
 
 
 def test_a_cpu_site_keeps_channels_last_weights_and_returns_plain_arrays(tiny_federation, tmp_path):
-    job = LocalJob(
-        spec=tiny_spec(),
-        site="site-1",
-        config=SiteConfig(
-            data_dir=tiny_federation / "site-1",
-            cache_dir=tmp_path / "cache",
-            policy=PrivacyPolicy.for_simulated_data(),
-        ),
-        state_dir=tmp_path / "state",
-        simulation=True,
-    )
+    job = simulated_site_job(tiny_spec(), tiny_federation / "site-1", tmp_path)
     assert job.device == torch.device("cpu")
     kernels = [p for p in job.network.parameters() if p.dim() == 5]
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)

@@ -9,11 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jobs.model import build_network, freeze_untrainable, initial_weights, trainable_names
 from site_app.dp_samplers import wrap_private
-from site_app.local_job import LocalJob
-from site_app.policy import PrivacyPolicy
-from site_app.site_config import SiteConfig
 from site_app.training import average_crop_gradients, make_loss
-from tests.conftest import tiny_spec
+from tests.conftest import simulated_site_job, tiny_spec
 
 CLIP = 0.01
 
@@ -106,17 +103,7 @@ def test_frozen_parameters_are_returned_exactly_as_received(tiny_federation, tmp
     """Under DP a frozen parameter gets no gradient and no noise: the site sends back the very
     values it received, and the noise it adds is sized for the trainable ones only."""
     spec = tiny_spec(training={"trainable": ["*.bias"], "crops_per_patient": 2})
-    job = LocalJob(
-        spec=spec,
-        site="site-1",
-        config=SiteConfig(
-            data_dir=tiny_federation / "site-1",
-            cache_dir=tmp_path / "cache",
-            policy=PrivacyPolicy.for_simulated_data(),
-        ),
-        state_dir=tmp_path / "state",
-        simulation=True,
-    )
+    job = simulated_site_job(spec, tiny_federation / "site-1", tmp_path)
     start = initial_weights(spec.model, 0)
     weights, meta = job.train_round(start, 0)
     for name, value in weights.items():

@@ -7,10 +7,7 @@ from pathlib import Path
 from jobs import keys
 from jobs.messages import SiteResultMeta
 from jobs.model import initial_weights
-from site_app.local_job import LocalJob
-from site_app.policy import PrivacyPolicy
-from site_app.site_config import SiteConfig
-from tests.conftest import tiny_spec
+from tests.conftest import simulated_site_job, tiny_spec
 
 DOC = Path(__file__).parents[2] / "docs" / "privacy.md"
 
@@ -25,17 +22,7 @@ def _documented_keys() -> set[str]:
 
 
 def _sent_keys(spec, federation, tmp_path) -> tuple[set[str], list[dict]]:
-    job = LocalJob(
-        spec=spec,
-        site="site-1",
-        config=SiteConfig(
-            data_dir=federation / "site-1",
-            cache_dir=tmp_path / "cache",
-            policy=PrivacyPolicy.for_simulated_data(),
-        ),
-        state_dir=tmp_path / "state",
-        simulation=True,
-    )
+    job = simulated_site_job(spec, federation / "site-1", tmp_path)
     weights = initial_weights(spec.model, 0)
     metas = []
     for round_index in range(2):

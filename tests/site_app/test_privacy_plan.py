@@ -7,8 +7,6 @@ from torch.utils.data import TensorDataset
 
 from jobs.model import initial_weights
 from jobs.spec import PrivacySpec
-from site_app.local_job import LocalJob
-from site_app.policy import PrivacyPolicy
 from site_app.privacy import (
     PrivateTraining,
     dp_loader,
@@ -17,9 +15,8 @@ from site_app.privacy import (
     resolve_dp_settings,
 )
 from site_app.privacy_plan import plan_privacy
-from site_app.site_config import SiteConfig
 from site_app.training import train_epochs
-from tests.conftest import tiny_spec
+from tests.conftest import simulated_site_job, tiny_spec
 
 
 def _settings(patients: int, batch: int, *, epochs: int = 1, rounds: int = 1, **privacy):
@@ -115,17 +112,7 @@ def test_the_plan_is_what_a_site_then_runs(tiny_federation, tmp_path):
         },
         training={"rounds": 2},
     )
-    job = LocalJob(
-        spec=spec,
-        site="site-1",
-        config=SiteConfig(
-            data_dir=tiny_federation / "site-1",
-            cache_dir=tmp_path / "cache",
-            policy=PrivacyPolicy.for_simulated_data(),
-        ),
-        state_dir=tmp_path / "state",
-        simulation=True,
-    )
+    job = simulated_site_job(spec, tiny_federation / "site-1", tmp_path)
     released = job.dp_settings.released_patients
     plan = plan_privacy(spec, patients=[released])
     assert plan.sites[0].settings == job.dp_settings
