@@ -222,7 +222,8 @@ class FederationSpec(_Strict):
     server_lr: Annotated[float, Field(gt=0, le=5)] = 1.0
     """Server step size on the round's average update (FedAvgM): the global model moves
     ``server_lr`` times the way from itself to the sites' average. 1 is plain FedAvg; with the
-    demo recipe 1.5 did best of 1 to 3, and 3 diverged (docs/researcher.md)."""
+    demo recipe 2 gave the best DP model of 1 to 3, 2.5 fell back and 3 diverged
+    (docs/researcher.md)."""
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Server momentum on those average updates (FedAvgM); 0 is none."""
 
