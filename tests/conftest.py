@@ -32,10 +32,18 @@ def tiny_spec(**sections) -> JobSpec:
     return parse_spec(data)
 
 
-def simulated_site_job(spec: JobSpec, site_dir: Path, tmp_path: Path, site: str = "site-1"):
-    """A real LocalJob over one simulated site folder, as the simulator runs it: the simulated
-    data's policy, the decode cache under ``tmp_path / "cache"``, state under
-    ``tmp_path / "state"``."""
+def site_job(
+    spec: JobSpec,
+    site_dir: Path,
+    tmp_path: Path,
+    *,
+    site: str = "site-1",
+    simulation: bool = True,
+    **config,
+):
+    """A real LocalJob over one site folder: the simulated data's policy (``config`` overrides
+    SiteConfig fields, the policy included), the decode cache under ``tmp_path / "cache"``,
+    state under ``tmp_path / "state"``; ``simulation=False`` runs it as a deployed site."""
     from site_app.local_job import LocalJob
     from site_app.policy import PrivacyPolicy
     from site_app.site_config import SiteConfig
@@ -46,10 +54,10 @@ def simulated_site_job(spec: JobSpec, site_dir: Path, tmp_path: Path, site: str 
         config=SiteConfig(
             data_dir=site_dir,
             cache_dir=tmp_path / "cache",
-            policy=PrivacyPolicy.for_simulated_data(),
+            **({"policy": PrivacyPolicy.for_simulated_data()} | config),
         ),
         state_dir=tmp_path / "state",
-        simulation=True,
+        simulation=simulation,
     )
 
 

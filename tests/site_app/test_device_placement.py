@@ -12,7 +12,7 @@ from site_app.training import (
     device_placement,
     sites_sharing_device,
 )
-from tests.conftest import simulated_site_job, tiny_spec
+from tests.conftest import site_job, tiny_spec
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_on_device_runs_a_channels_last_model_on_contiguous_windows():
 
 
 def test_a_cpu_site_keeps_channels_last_weights_and_returns_plain_arrays(tiny_federation, tmp_path):
-    job = simulated_site_job(tiny_spec(), tiny_federation / "site-1", tmp_path)
+    job = site_job(tiny_spec(), tiny_federation / "site-1", tmp_path)
     assert job.device == torch.device("cpu")
     kernels = [p for p in job.network.parameters() if p.dim() == 5]
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)

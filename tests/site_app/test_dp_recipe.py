@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from jobs.model import build_network, freeze_untrainable, initial_weights, trainable_names
 from site_app.dp_samplers import wrap_private
 from site_app.training import average_crop_gradients, make_loss
-from tests.conftest import simulated_site_job, tiny_spec
+from tests.conftest import site_job, tiny_spec
 
 CLIP = 0.01
 
@@ -103,7 +103,7 @@ def test_frozen_parameters_are_returned_exactly_as_received(tiny_federation, tmp
     """Under DP a frozen parameter gets no gradient and no noise: the site sends back the very
     values it received, and the noise it adds is sized for the trainable ones only."""
     spec = tiny_spec(training={"trainable": ["*.bias"], "crops_per_patient": 2})
-    job = simulated_site_job(spec, tiny_federation / "site-1", tmp_path)
+    job = site_job(spec, tiny_federation / "site-1", tmp_path)
     start = initial_weights(spec.model, 0)
     weights, meta = job.train_round(start, 0)
     for name, value in weights.items():

@@ -6,25 +6,14 @@ import torch
 
 from jobs import keys
 from jobs.model import initial_weights
-from site_app.local_job import LocalJob
 from site_app.policy import PrivacyPolicy, SiteRefusal
 from site_app.privacy import epsilon_spent
-from site_app.site_config import SiteConfig
-from tests.conftest import tiny_spec
+from tests.conftest import site_job, tiny_spec
 
 
 def _job(federation, tmp_path, spec=None, simulation=True, **config):
-    spec = spec or tiny_spec()
-    return LocalJob(
-        spec=spec,
-        site="site-1",
-        config=SiteConfig(
-            data_dir=federation / "site-1",
-            cache_dir=tmp_path / "cache",
-            **({"policy": PrivacyPolicy.for_simulated_data()} | config),
-        ),
-        state_dir=tmp_path / "state",
-        simulation=simulation,
+    return site_job(
+        spec or tiny_spec(), federation / "site-1", tmp_path, simulation=simulation, **config
     )
 
 
@@ -138,17 +127,7 @@ def test_a_site_with_no_dicom_says_which_folder(tmp_path):
     empty.mkdir()
     (empty / "readme.txt").write_text("not an image")
     with pytest.raises(FileNotFoundError, match=str(empty)):
-        LocalJob(
-            spec=tiny_spec(),
-            site="site-1",
-            config=SiteConfig(
-                data_dir=empty,
-                cache_dir=tmp_path / "cache",
-                policy=PrivacyPolicy.for_simulated_data(),
-            ),
-            state_dir=tmp_path / "state",
-            simulation=True,
-        )
+        site_job(tiny_spec(), empty, tmp_path)
 
 
 def test_a_deployed_site_never_writes_its_dp_randomness(tiny_federation, tmp_path):

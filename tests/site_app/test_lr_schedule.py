@@ -9,7 +9,7 @@ import torch
 from jobs.model import initial_weights
 from jobs.spec import JobSpecError, TrainingSpec
 from site_app.training import round_learning_rates, scheduled_lr, train_epochs
-from tests.conftest import simulated_site_job, tiny_spec
+from tests.conftest import site_job, tiny_spec
 
 
 def test_cosine_starts_at_the_base_rate_halves_midway_and_nears_zero_at_the_end():
@@ -62,7 +62,7 @@ def test_train_epochs_sets_each_pass_rate():
 
 def test_a_site_round_trains_at_the_scheduled_rate(tiny_federation, tmp_path):
     spec = tiny_spec(training={"rounds": 4, "local_epochs": 1, "lr": 0.01, "lr_schedule": "cosine"})
-    job = simulated_site_job(spec, tiny_federation / "site-1", tmp_path)
+    job = site_job(spec, tiny_federation / "site-1", tmp_path)
     weights = initial_weights(spec.model, 0)
     for round_index in range(3):
         weights, _ = job.train_round(weights, round_index)

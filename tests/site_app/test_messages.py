@@ -7,7 +7,7 @@ from pathlib import Path
 from jobs import keys
 from jobs.messages import SiteResultMeta
 from jobs.model import initial_weights
-from tests.conftest import simulated_site_job, tiny_spec
+from tests.conftest import site_job, tiny_spec
 
 DOC = Path(__file__).parents[2] / "docs" / "privacy.md"
 
@@ -22,7 +22,7 @@ def _documented_keys() -> set[str]:
 
 
 def _sent_keys(spec, federation, tmp_path) -> tuple[set[str], list[dict]]:
-    job = simulated_site_job(spec, federation / "site-1", tmp_path)
+    job = site_job(spec, federation / "site-1", tmp_path)
     weights = initial_weights(spec.model, 0)
     metas = []
     for round_index in range(2):

@@ -16,7 +16,7 @@ from site_app.privacy import (
 )
 from site_app.privacy_plan import plan_privacy
 from site_app.training import train_epochs
-from tests.conftest import simulated_site_job, tiny_spec
+from tests.conftest import site_job, tiny_spec
 
 
 def _settings(patients: int, batch: int, *, epochs: int = 1, rounds: int = 1, **privacy):
@@ -112,7 +112,7 @@ def test_the_plan_is_what_a_site_then_runs(tiny_federation, tmp_path):
         },
         training={"rounds": 2},
     )
-    job = simulated_site_job(spec, tiny_federation / "site-1", tmp_path)
+    job = site_job(spec, tiny_federation / "site-1", tmp_path)
     released = job.dp_settings.released_patients
     plan = plan_privacy(spec, patients=[released])
     assert plan.sites[0].settings == job.dp_settings
