@@ -8,6 +8,13 @@ import pytest
 from jobs.spec import JobSpec, parse_spec
 from simulator.synthetic_data import generate_federation_data
 
+flare_processes = pytest.mark.xdist_group("flare-processes")
+"""For a module whose tests start FLARE processes (the simulator, a POC federation). `make test`
+runs pytest-xdist with two workers and ``--dist loadgroup``: every test in this group runs on one
+worker, one after another, and the other worker takes the rest. Two FLARE runs at once on this
+2-core machine failed (POC admin logins timed out while a simulator ran), and the session
+fixtures these modules share (``tiny_run``, the POC federation) start once, not once a worker."""
+
 TINY_SPEC = {
     "name": "tiny",
     "model": {"channels": [4, 8], "strides": [2], "roi_size": [16, 16, 16]},

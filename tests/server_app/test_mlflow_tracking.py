@@ -19,7 +19,9 @@ from server_app.mlflow_tracking import (
 )
 from server_app.model_manifest import verify_model
 from simulator.federation import run_simulation
-from tests.conftest import tiny_spec
+from tests.conftest import flare_processes, tiny_spec
+
+pytestmark = flare_processes
 
 
 @pytest.mark.parametrize(

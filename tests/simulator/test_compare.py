@@ -24,7 +24,9 @@ from simulator.overlays import (
 )
 from site_app.local_job import LocalJob
 from site_app.site_config import SiteConfig
-from tests.conftest import tiny_spec
+from tests.conftest import flare_processes, tiny_spec
+
+pytestmark = flare_processes
 
 # -- the sweep's epsilon list -----------------------------------------------------------------
 
