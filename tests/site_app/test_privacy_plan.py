@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from jobs.model import initial_weights
-from jobs.spec import PrivacySpec
+from jobs.spec import PrivacySpec, load_spec, parse_spec
 from site_app.privacy import (
     PrivateTraining,
     dp_loader,
@@ -122,3 +122,12 @@ def test_the_plan_is_what_a_site_then_runs(tiny_federation, tmp_path):
     assert meta["num_patients"] == released  # the count the site publishes is the noised one
     assert job.epsilon() == pytest.approx(plan.sites[0].epsilon, rel=1e-9)
     assert job.epsilon() <= 50.0
+
+
+@pytest.mark.parametrize(("server_lr", "quoted"), [(2.0, "server step 2"), (1.0, "server step 1")])
+def test_the_plan_quotes_the_measurement_made_with_the_specs_server_step(server_lr, quoted):
+    plain = load_spec("jobs/specs/demo.yaml").to_plain()
+    plain["federation"]["server_lr"] = server_lr
+    plan = plan_privacy(parse_spec(plain), patients=[150])
+    (measured,) = [note for note in plan.notes if note.startswith("measured on the simulator")]
+    assert quoted in measured
