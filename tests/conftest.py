@@ -8,12 +8,42 @@ import pytest
 from jobs.spec import JobSpec, parse_spec
 from simulator.synthetic_data import generate_federation_data
 
-flare_processes = pytest.mark.xdist_group("flare-processes")
-"""For a module whose tests start FLARE processes (the simulator, a POC federation). `make test`
-runs pytest-xdist with two workers and ``--dist loadgroup``: every test in this group runs on one
-worker, one after another, and the other worker takes the rest. Two FLARE runs at once on this
-2-core machine failed (POC admin logins timed out while a simulator ran), and the session
-fixtures these modules share (``tiny_run``, the POC federation) start once, not once a worker."""
+FLARE_PROCESS_MODULES = frozenset(
+    {
+        "tests/provisioning/test_poc.py",
+        "tests/provisioning/test_poc_trust.py",
+        "tests/server_app/test_controller_evaluation.py",
+        "tests/server_app/test_mlflow_tracking.py",
+        "tests/simulator/test_compare.py",
+        "tests/simulator/test_federation.py",
+        "tests/simulator/test_tracking.py",
+        "tests/test_phi.py",
+    }
+)
+"""Test modules that start FLARE processes (the simulator or a POC federation). `make test` runs
+two pytest-xdist workers: these modules all go to one of them, one test after another, and the
+other worker takes every other module, whole (tests/test_test_layout.py checks this list)."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's file scheduling, with FLARE_PROCESS_MODULES as one unit of work.
+
+    Two FLARE runs at once on this 2-core machine failed (POC admin logins timed out while a
+    simulator ran), and the session fixtures those modules share (``tiny_run``, the POC
+    federation) then start once, not once a worker. xdist's own ``--dist loadgroup`` would say
+    this with a mark, but it does not group on pytest 9.2 (pytest-dev/pytest-xdist#1386).
+    xdist hands out the largest unit first, so the FLARE unit starts at once.
+    """
+    from xdist.scheduler import LoadFileScheduling
+
+    class FlareProcessesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "flare-processes" if module in FLARE_PROCESS_MODULES else module
+
+    return FlareProcessesTogether(config, log)
+
 
 TINY_SPEC = {
     "name": "tiny",

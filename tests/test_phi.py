@@ -29,9 +29,9 @@ from simulator.dicom_writer import PatientIdentity
 from simulator.patients import synthetic_identity
 from simulator.site_profiles import SiteProfile
 from simulator.synthetic_data import write_federation
-from tests.conftest import flare_processes, tiny_spec
+from tests.conftest import tiny_spec
 
-pytestmark = [pytest.mark.slow, flare_processes]
+pytestmark = pytest.mark.slow
 
 
 def distinctive_identities() -> tuple[list[PatientIdentity], object]:

@@ -24,13 +24,12 @@ from researcher_app.flare_job import build_job
 from researcher_app.session import FederationError, download, job_status, open_session, submit
 from server_app.history import read_history
 from server_app.report import write_report
-from tests.conftest import flare_processes
 from tests.provisioning.conftest import POLICY, site_private
 from tests.provisioning.conftest import poc_kit as _kit
 from tests.provisioning.conftest import poc_spec as _spec
 from tests.provisioning.conftest import wait_for_job as _wait
 
-pytestmark = [pytest.mark.slow, flare_processes]
+pytestmark = pytest.mark.slow
 
 
 def test_the_default_spec_runs_end_to_end_through_the_session_api(poc, tmp_path):

@@ -23,7 +23,6 @@ from provisioning.builders import AUTHORIZATION
 from researcher_app.flare_job import build_job
 from researcher_app.session import open_session
 from site_app.ledger import EpsilonLedger
-from tests.conftest import flare_processes
 from tests.provisioning.conftest import (
     CANARY,
     CANARY_ENV,
@@ -33,7 +32,7 @@ from tests.provisioning.conftest import (
     wait_for_job,
 )
 
-pytestmark = [pytest.mark.slow, flare_processes]
+pytestmark = pytest.mark.slow
 
 SITES = ("site-1", "site-2")
 

@@ -10,9 +10,9 @@ from jobs import keys
 from server_app.model_manifest import verify_model
 from server_app.report import rebuild_report, write_report
 from simulator.federation import run_simulation
-from tests.conftest import flare_processes, tiny_spec
+from tests.conftest import tiny_spec
 
-pytestmark = [pytest.mark.slow, flare_processes]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

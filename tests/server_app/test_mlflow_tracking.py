@@ -19,9 +19,7 @@ from server_app.mlflow_tracking import (
 )
 from server_app.model_manifest import verify_model
 from simulator.federation import run_simulation
-from tests.conftest import flare_processes, tiny_spec
-
-pytestmark = flare_processes
+from tests.conftest import tiny_spec
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,7 @@ from simulator.overlays import (
 )
 from site_app.local_job import LocalJob
 from site_app.site_config import SiteConfig
-from tests.conftest import flare_processes, tiny_spec
-
-pytestmark = flare_processes
+from tests.conftest import tiny_spec
 
 # -- the sweep's epsilon list -----------------------------------------------------------------
 

@@ -9,9 +9,9 @@ import torch
 from server_app.history import read_history
 from simulator.federation import SimulationError, discover_sites, run_simulation
 from site_app.privacy import epsilon_spent
-from tests.conftest import flare_processes, tiny_spec
+from tests.conftest import tiny_spec
 
-pytestmark = [pytest.mark.slow, flare_processes]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

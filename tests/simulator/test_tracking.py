@@ -7,9 +7,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from jobs import keys
 from site_app.tracking import round_scalars
-from tests.conftest import flare_processes
-
-pytestmark = flare_processes
 
 TRAIN_META = {
     keys.VAL_DICE: 0.25,
