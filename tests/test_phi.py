@@ -14,6 +14,7 @@ import datetime
 import gzip
 import itertools
 import logging
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -116,10 +117,23 @@ def produced_files(folder: Path, *, excluded: tuple[Path, ...]) -> dict[str, byt
     return texts
 
 
-def test_no_identifier_leaves_the_site_data_or_cache(tmp_path, monkeypatch, capfd, caplog):
+@pytest.fixture
+def short_scratch() -> Iterator[Path]:
+    """A temporary folder with a short path, for this process's and FLARE's temporary files.
+
+    FLARE's simulator starts a multiprocessing manager whose AF_UNIX socket lives in TMPDIR;
+    a socket path is limited to 107 bytes, which pytest's per-worker tmp_path can exceed.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="fedseg-phi-"))
+    yield scratch
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_no_identifier_leaves_the_site_data_or_cache(
+    tmp_path, short_scratch, monkeypatch, capfd, caplog
+):
     data, out = tmp_path / "data", tmp_path / "results"
-    scratch = tmp_path / "tmp"  # temporary files of this process and of FLARE's
-    scratch.mkdir()
+    scratch = short_scratch  # temporary files of this process and of FLARE's
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", None)
     caplog.set_level(logging.DEBUG)
