@@ -1,7 +1,8 @@
 """Dice against training patients per site, with DP at a target epsilon and without, one recipe.
 
     .venv/bin/python benchmarks/dp_site_size.py SPEC --data DIR [--sizes 25,50,...] [--epsilon 8]
-        [--out DIR] [--quick]
+        [--out DIR] [--quick] [--threads T]
+    .venv/bin/python benchmarks/dp_site_size.py SPEC --data DIR --join OUT1,OUT2 --out DIR
 
 Answers "how many patients does my site need?" for the recipe in SPEC (its model.init,
 training.trainable, schedule): for each size n, every site of DIR trains on n of its training
@@ -173,6 +174,28 @@ def write_outputs(results: dict, out: Path) -> None:
     figure.savefig(out / "curve.png", dpi=120)
 
 
+def join_curves(runs: list[Path], out: Path) -> int:
+    """One curve from runs over disjoint sizes (e.g. run side by side with --threads 1)."""
+    parts = [json.loads((run / "curve.json").read_text()) for run in runs]
+    if len({(p["recipe"], p["epsilon"], p["public_only"]) for p in parts}) != 1:
+        print(
+            "error: --join needs runs of one spec, epsilon and data (they differ)", file=sys.stderr
+        )
+        return 2
+    sizes = [r["patients"] for p in parts for r in p["sizes"]]
+    if len(set(sizes)) != len(sizes):
+        print(
+            f"error: --join needs runs over disjoint sizes (got {sorted(sizes)})", file=sys.stderr
+        )
+        return 2
+    joined = dict(
+        parts[0], sizes=sorted((r for p in parts for r in p["sizes"]), key=lambda r: r["patients"])
+    )
+    write_outputs(joined, out)
+    print((out / "curve.md").read_text())
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
@@ -181,7 +204,21 @@ def main() -> int:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--out", default="results/site_size")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: every core); e.g. 1 to run two size ranges side by side",
+    )
+    parser.add_argument(
+        "--join",
+        metavar="OUT,OUT",
+        help="instead of training: join the curve.json of runs over other sizes of the same "
+        "spec and data into --out",
+    )
     args = parser.parse_args()
+    if args.join:
+        return join_curves([Path(p) for p in args.join.split(",")], Path(args.out))
 
     import warnings
 
@@ -202,7 +239,7 @@ def main() -> int:
         args.sizes = "2,3"
     data_dir, out = Path(args.data).resolve(), Path(args.out)
     sites = discover_sites(data_dir)
-    use_cpu_threads(threads_per_site(1))
+    use_cpu_threads(args.threads or threads_per_site(1))
     cache = out / "cache"
     keep = _subsets(data_dir, sites, cache, spec)
     init = initial_weights(spec.model, spec.training.seed, model_store=spec_path.parent)
