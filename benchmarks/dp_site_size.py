@@ -184,16 +184,12 @@ def join_curves(runs: list[Path], out: Path) -> int:
             "error: --join needs runs of one spec, epsilon and data (they differ)", file=sys.stderr
         )
         return 2
-    sizes = [r["patients"] for p in parts for r in p["sizes"]]
+    rows = sorted((r for p in parts for r in p["sizes"]), key=lambda r: r["patients"])
+    sizes = [r["patients"] for r in rows]
     if len(set(sizes)) != len(sizes):
-        print(
-            f"error: --join needs runs over disjoint sizes (got {sorted(sizes)})", file=sys.stderr
-        )
+        print(f"error: --join needs runs over disjoint sizes (got {sizes})", file=sys.stderr)
         return 2
-    joined = dict(
-        parts[0], sizes=sorted((r for p in parts for r in p["sizes"]), key=lambda r: r["patients"])
-    )
-    write_outputs(joined, out)
+    write_outputs(dict(parts[0], sizes=rows), out)
     print((out / "curve.md").read_text())
     return 0
 
